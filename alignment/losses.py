@@ -40,8 +40,15 @@ def diffusion_dpo_loss(
     """The Diffusion-DPO loss (Wallace et al. 2024) from per-sample denoising errors.
 
     With ``logits = −(β/2)·((mse_w − mse_l) − (ref_w − ref_l))`` (the implicit reward margin of the
-    winner over the loser), the per-pair loss is ``−log σ(logits)`` ("sigmoid"), ``relu(1 − logits)``
-    ("hinge") or ``(logits − 1/(2β))²`` ("ipo"), averaged over the batch.
+    winner over the loser), the per-pair loss is ``−log σ(logits)`` ("sigmoid") or ``relu(1 − logits)``
+    ("hinge"), averaged over the batch.
+
+    "ipo" is IPO (Azar et al. 2023), ``(h − 1/(2β))²``, on the *unscaled* log-ratio difference
+    ``h = logits / β = −½·((mse_w − mse_l) − (ref_w − ref_l))``, not on the β-scaled logits: its optimum
+    is ``logits = ½`` whatever β, so pairs the model prefers by less than that keep being pushed apart.
+    (IPO's target applied to the already scaled logits would put the optimum at logits = 1/(2β), 1e-4 at
+    β = 5000, and push the winner's error up from there on: it cannot learn.) The loss values are
+    small (h is ~1e-4); Adam's updates do not depend on the loss scale, so learning rates carry over.
 
     Args:
         model_w: (B,) MSE of the trained model's prediction on the winner's noisy latent.
@@ -89,7 +96,8 @@ def diffusion_dpo_loss(
     elif loss_type == "hinge":
         losses = F.relu(1.0 - logits)
     else:
-        losses = (logits - 1.0 / (2.0 * beta)) ** 2
+        # IPO's target belongs to the unscaled log-ratio difference h = logits / β (see the docstring).
+        losses = (logits / beta - 1.0 / (2.0 * beta)) ** 2
     loss = losses.mean()
 
     with torch.no_grad():

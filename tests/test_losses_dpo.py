@@ -24,7 +24,8 @@ def _sigmoid(x):
     [
         ("sigmoid", sum(-math.log(_sigmoid(z)) for z in LOGITS) / 2),
         ("hinge", sum(max(0.0, 1 - z) for z in LOGITS) / 2),  # (0.5 + 2.0) / 2
-        ("ipo", sum((z - 1 / (2 * BETA)) ** 2 for z in LOGITS) / 2),  # ((0.45)^2 + (1.05)^2) / 2
+        # IPO on the unscaled log-ratio difference h = logits / beta: ((0.05 - 0.05)^2 + (-0.1 - 0.05)^2) / 2
+        ("ipo", sum((z / BETA - 1 / (2 * BETA)) ** 2 for z in LOGITS) / 2),
     ],
 )
 def test_loss_matches_hand_computed(loss_type, expected):
@@ -43,7 +44,7 @@ def test_hand_values_are_the_expected_numbers():
     loss, _ = diffusion_dpo_loss(MW, ML, RW, RL, beta=BETA, loss_type="hinge")
     assert loss.item() == pytest.approx(1.25)
     loss, _ = diffusion_dpo_loss(MW, ML, RW, RL, beta=BETA, loss_type="ipo")
-    assert loss.item() == pytest.approx((0.45**2 + 1.05**2) / 2)
+    assert loss.item() == pytest.approx(0.15**2 / 2)
 
 
 def test_gradient_direction_lowers_winner_error():
@@ -83,3 +84,36 @@ def test_bad_arguments_teach():
         diffusion_dpo_loss(MW, ML[:1], RW, RL, beta=BETA)
     with pytest.raises(TypeError, match="torch.Tensor"):
         diffusion_dpo_loss([0.1], ML, RW, RL, beta=BETA)
+
+
+def _ipo_grads(margin_logits: float, beta: float) -> tuple[float, float]:
+    """d loss / d mse_w and d loss / d mse_l for one pair whose logits are `margin_logits` (reference tied)."""
+    # logits = -(beta/2) * (mw - ml) with ref_w == ref_l, so mw - ml = -2 * margin / beta.
+    mw = torch.tensor([1e-3], requires_grad=True)
+    ml = (mw.detach() + 2 * margin_logits / beta).requires_grad_(True)
+    ref = torch.tensor([0.1])
+    loss, m = diffusion_dpo_loss(mw, ml, ref, ref, beta=beta, loss_type="ipo")
+    assert m["reward_margin"].item() == pytest.approx(margin_logits, rel=1e-3)
+    loss.backward()
+    return mw.grad.item(), ml.grad.item()
+
+
+@pytest.mark.parametrize("margin", [0.0025, 0.01, 0.1, 0.3])
+def test_ipo_lowers_the_winners_error_at_a_small_positive_margin_at_beta_5000(margin):
+    # The documented beta. A pair the model already prefers slightly must still be pushed further: descent
+    # (minus the gradient) lowers the winner's error and raises the loser's.
+    gw, gl = _ipo_grads(margin, beta=5000.0)
+    assert gw > 0 and gl < 0
+
+
+def test_ipo_optimum_is_half_in_logit_units():
+    # IPO's target 1/(2 beta) on h = logits / beta: the loss is flat at logits = 1/2 and pushes back beyond it.
+    gw, _ = _ipo_grads(0.5, beta=5000.0)
+    assert gw == pytest.approx(0.0, abs=1e-12)
+    gw, _ = _ipo_grads(0.8, beta=5000.0)
+    assert gw < 0
+    for beta in (10.0, 2500.0, 5000.0):
+        losses = {z: diffusion_dpo_loss(torch.tensor([-2 * z / beta]), torch.tensor([0.0]), torch.tensor([0.0]),
+                                        torch.tensor([0.0]), beta=beta, loss_type="ipo")[0].item()
+                  for z in (0.3, 0.5, 0.7)}
+        assert losses[0.5] == pytest.approx(0.0, abs=1e-12) and losses[0.3] > 0 and losses[0.7] > 0

@@ -112,8 +112,11 @@ class DPOSection:
     """The Diffusion-DPO objective.
 
     Attributes:
-        beta: β, the KL strength (paper: 2000-5000; diffusers' example: 5000).
-        loss_type: ``"sigmoid"`` (the paper), ``"hinge"`` or ``"ipo"``.
+        beta: β, the KL strength, in this trainer's convention ``logits = −(β/2)·Δ`` (the official code
+            and diffusers' SDXL script: 5000 for SDXL, 2000-5000 in the paper). diffusers' SD 1.5 script
+            writes ``logits = −β·Δ`` without the ½, so its default β = 2500 is the same objective as 5000 here.
+        loss_type: ``"sigmoid"`` (the paper), ``"hinge"`` or ``"ipo"`` (IPO's target 1/(2β) on the unscaled
+            log-ratio difference logits/β, so its optimum is logits = ½; see `alignment.losses.diffusion_dpo_loss`).
         vae_sample: encode images with a sample of the VAE posterior (the paper and diffusers' example);
             False uses the posterior mean. Trained VAEs have a near-zero posterior std so this barely
             matters for them; random tiny VAEs have std ~1, which would drown the pair's difference.
