@@ -15,7 +15,7 @@ from transformers import CLIPModel
 from .base import RewardModel
 from .clip_backbone import image_embeds, text_embeds
 from .preprocess import ImageTransform
-from .tokenization import PromptCache, clip_token_ids, openai_clean
+from .tokenization import PromptCache, check_truncation, clip_token_ids, openai_clean
 
 
 class ClipSimilarityReward(RewardModel):
@@ -30,6 +30,7 @@ class ClipSimilarityReward(RewardModel):
         prompt_prefix: prepended to every prompt (CLIPScore's paper convention uses "A photo depicts ").
         clean_text: apply OpenAI/open_clip text cleaning (html unescape, ftfy) as the official code of
             rewards built on those packages does (HPS, CLIPScore paper).
+        truncation: how prompts over 77 tokens are cut, see `clip_token_ids` ("keep_eot" or "torchmetrics").
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class ClipSimilarityReward(RewardModel):
         scale_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         prompt_prefix: str = "",
         clean_text: bool = False,
+        truncation: str = "keep_eot",
     ) -> None:
         super().__init__()
         self.model = model
@@ -48,6 +50,7 @@ class ClipSimilarityReward(RewardModel):
         self.scale_fn = scale_fn
         self.prompt_prefix = prompt_prefix
         self.clean_text = clean_text
+        self.truncation = check_truncation(truncation)
         self.prompt_cache = PromptCache()
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -55,7 +58,7 @@ class ClipSimilarityReward(RewardModel):
 
         def encode(new: list[str]) -> torch.Tensor:
             texts = [self.prompt_prefix + (openai_clean(p) if self.clean_text else p) for p in new]
-            ids = clip_token_ids(self.tokenizer, texts).to(self.device)
+            ids = clip_token_ids(self.tokenizer, texts, truncation=self.truncation).to(self.device)
             return F.normalize(text_embeds(self.model, ids), dim=-1)
 
         return self.prompt_cache.get_many(prompts, encode, key_extra=(str(self.device), self.dtype))

@@ -115,10 +115,41 @@ def openai_clean(text: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(html.unescape(ftfy.fix_text(text)))).strip()
 
 
-def clip_token_ids(tokenizer, prompts: Sequence[str], max_length: int = CLIP_CONTEXT) -> torch.Tensor:
-    """CLIP ids padded to exactly `max_length` with the pad token (EOT for CLIP), truncated keeping EOT."""
-    enc = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    return enc["input_ids"]
+TRUNCATIONS = ("keep_eot", "torchmetrics")
+
+
+def check_truncation(truncation: str) -> str:
+    """`truncation` if it is a known prompt truncation rule, else a ValueError naming the choices."""
+    if truncation not in TRUNCATIONS:
+        raise ValueError(
+            f"truncation must be 'keep_eot' (cut long prompts keeping the end token; OpenAI CLIP, open_clip) or "
+            f"'torchmetrics' (cut the ids at 77 without it, as torchmetrics' CLIPScore); got {truncation!r}."
+        )
+    return truncation
+
+
+def clip_token_ids(
+    tokenizer, prompts: Sequence[str], max_length: int = CLIP_CONTEXT, truncation: str = "keep_eot"
+) -> torch.Tensor:
+    """CLIP ids padded to exactly `max_length` with the pad token (EOT for CLIP).
+
+    Prompts longer than `max_length` tokens are cut in one of two ways:
+
+    - ``"keep_eot"`` (default): ``[BOS, first max_length - 2 tokens, EOT]``, as OpenAI CLIP's
+      ``clip.tokenize(truncate=True)``, open_clip and transformers' ``truncation=True`` do. The pooled
+      text feature is read at EOT, as in training.
+    - ``"torchmetrics"``: the ids are cut at `max_length` with no EOT, as
+      ``torchmetrics.multimodal.CLIPScore`` does. The pooled feature is then read at an ordinary word
+      (transformers pools at the largest id when the config's EOT id is the legacy 2), so long prompts
+      score differently (up to several CLIPScore points); use it only to reproduce torchmetrics' numbers.
+    """
+    if check_truncation(truncation) == "keep_eot":
+        enc = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        return enc["input_ids"]
+    rows = [ids[:max_length] for ids in tokenizer(list(prompts))["input_ids"]]
+    pad = tokenizer.pad_token_id
+    return torch.tensor([ids + [pad] * (max_length - len(ids)) for ids in rows], dtype=torch.long)
 
 
 class PromptCache:
