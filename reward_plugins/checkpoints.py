@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,6 +17,52 @@ import torch
 from torch import nn
 
 StateDict = dict[str, torch.Tensor]
+
+REDOWNLOAD = "Download or export it again (a state dict saved as .safetensors, or with torch.save(model.state_dict()))."
+
+
+class CheckpointError(ValueError):
+    """The file is not a readable checkpoint: truncated, corrupt, or not a torch/safetensors file at all."""
+
+
+class PickledObjectError(ValueError):
+    """The file pickles Python objects (e.g. a whole module), which safe loading refuses to rebuild."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
+
+
+def invalid_checkpoint(path: str | os.PathLike, e: BaseException | str) -> CheckpointError:
+    """The one-line error for a file that cannot be read as a checkpoint (names the file and the fix)."""
+    reason = e if isinstance(e, str) else _first_line(e)
+    return CheckpointError(f"{path} is not a valid checkpoint ({reason}): it is truncated, corrupt or not a "
+                           f"checkpoint file. {REDOWNLOAD}")
+
+
+def _weights_only_reason(e: BaseException) -> tuple[str | None, str]:
+    """(the refused global, or None for garbage; a short reason) from torch's weights-only error, whose own
+    text advises weights_only=False, which this library never repeats."""
+    text = str(e)
+    m = re.search(r"(?i)unsupported (?:global: )?GLOBAL ([\w.]+)", text)
+    if m:
+        return m.group(1), f"it pickles {m.group(1)}"
+    m = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    return None, (m.group(1).strip()[:160] if m else type(e).__name__)
+
+
+def load_safetensors(path: str | os.PathLike) -> StateDict:
+    """`safetensors.torch.load_file` on the CPU, with a truncated or corrupt file named in a `CheckpointError`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return dict(load_file(str(path), device="cpu"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is not a valid .safetensors file ({_first_line(e)}): it is truncated or corrupt. {REDOWNLOAD}"
+        ) from None
 
 
 def looks_like_repo_id(source) -> bool:
@@ -64,23 +111,29 @@ def load_state_dict(path: str | os.PathLike, *, key: str | None = None) -> State
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is not a state dict (for example a whole pickled module).
+        CheckpointError: (a ValueError) the file is truncated, corrupt or not a checkpoint.
+        PickledObjectError: (a ValueError) the file pickles Python objects (for example a whole module).
+        ValueError: the file holds something other than a state dict of tensors.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {str(path)!r}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return dict(load_file(str(path), device="cpu"))
+        return load_safetensors(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path} is not a plain state dict: loading it needs code execution, which is refused "
-            f"({str(e).splitlines()[0]}). If it is a whole pickled module, use the reward's loader that "
-            "understands it (e.g. the MPS loader)."
+        refused, reason = _weights_only_reason(e)
+        if refused is None:
+            raise invalid_checkpoint(path, f"unpickling failed: {reason}") from None
+        raise PickledObjectError(
+            f"{path} is not a plain state dict: {reason}, and rebuilding pickled objects could run code, which "
+            "is refused. If it is a whole pickled module, use the reward's loader that understands it (e.g. "
+            "MPS's), or re-save it as a state dict (torch.save(model.state_dict()) or .safetensors)."
         ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, IndexError, KeyError) as e:
+        # A truncated zip ("failed finding central directory"), an empty file, a legacy header cut short ...
+        raise invalid_checkpoint(path, e) from None
     if key is not None:
         if not isinstance(obj, Mapping) or key not in obj:
             found = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__

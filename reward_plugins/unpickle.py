@@ -53,8 +53,11 @@ _DTYPE_NAMES = (
 )
 
 
-class RefusedGlobalError(pickle.UnpicklingError):
-    """A pickle tried to call something outside the allow-list; nothing was executed."""
+class RefusedGlobalError(pickle.UnpicklingError, ValueError):
+    """A pickle tried to call something outside the allow-list; nothing was executed.
+
+    Also a `ValueError`: a refused file is bad user input, reported in one line by the CLI.
+    """
 
 
 def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
@@ -176,21 +179,28 @@ def load_restricted(path: str | os.PathLike) -> Any:
 
     Raises:
         FileNotFoundError: no such file.
-        RefusedGlobalError: the file would call something outside the allow-list (nothing ran).
+        RefusedGlobalError: the file would call something outside the allow-list (nothing ran); names the file.
+        CheckpointError: (a ValueError) the file is truncated, corrupt or not a pickle at all.
     """
+    from .checkpoints import invalid_checkpoint
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {str(path)!r}")
     try:
         # weights_only=False is what lets a custom pickle_module be used; that module is the restriction.
         return torch.load(str(path), map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
+    except RefusedGlobalError as e:
+        raise RefusedGlobalError(f"{path}: {e}") from None
     except RuntimeError as e:
         if "pickle_module" in str(e):
             raise RuntimeError(
                 f"cannot read {path} with the restricted unpickler: {e}. Unset TORCH_FORCE_WEIGHTS_ONLY_LOAD, "
                 "which forbids custom unpicklers (this one executes no pickled code)."
             ) from None
-        raise
+        raise invalid_checkpoint(path, e) from None
+    except Exception as e:  # noqa: BLE001  a hostile or garbage file can make the unpickler fail in any way
+        raise invalid_checkpoint(path, e) from None
 
 
 def module_state_dict(obj: Any, *, include_non_persistent: bool = False) -> dict[str, torch.Tensor]:

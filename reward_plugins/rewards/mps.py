@@ -11,6 +11,15 @@ each prompt token, divided by a max, then ``s > threshold``.
   batch. ``max_mode="batch"`` divides by the max over the whole batch, as the official code does on a
   batch: a prompt's mask then depends on the other prompts in the batch.
 
+Dtype of the mask statistic: by default (``exact=False``) the prompt-condition dot products, the division
+by the max and the threshold test run in float32 whatever the reward's dtype, so the mask does not
+depend on fp16/bf16 rounding. The official evaluation runs everything in fp16, where both the ratio and
+the threshold are rounded to fp16 (0.3 becomes 0.30005): a prompt token whose ratio lies within fp16
+rounding of the threshold (e.g. 0.30002) is kept here but dropped by the official fp16 run, which changes
+that prompt's score. ``exact=True`` follows the dtype the towers computed in (the weights' dtype, or
+autocast's), statistic and final cosine included, so ``exact=True, dtype=torch.float16`` reproduces the
+official fp16 masks.
+
 All-masked rows (possible in batch mode, or when a max is not positive): ``exact=True`` reproduces the
 official NaN; the default keeps the prompt's EOT token as the only key of such a row, so it differs from
 the official code only where that code is NaN.
@@ -25,6 +34,7 @@ here); rotary angles are recomputed from the stored `inv_freq` in its dtype, as 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from transformers import CLIPModel
@@ -58,7 +68,8 @@ class MPS(ConditionedCrossReward):
         model: transformers CLIPModel (``model.*``).
         cross_model: the head (``cross_model.*``).
         tokenizer: the CLIP tokenizer of the backbone.
-        exact: official step-by-step computation (NaN on an all-masked row).
+        exact: official step-by-step computation (NaN on an all-masked row), in the towers' dtype (the
+            default computes the mask statistic and the cosine in float32; see the module docstring).
         threshold: 0.3 (evaluation scripts, default) or 0.01 (`forward`/README).
         max_mode: "per_sample" (default; batch-independent, = the evaluation scripts) or "batch"
             (divide by the batch-global max, as the official code does on a batch).
@@ -113,9 +124,13 @@ def load_mps_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Plain state dicts (and `.safetensors`) are read with `torch.load(weights_only=True)`; a whole module
     goes through the restricted unpickler, which runs no pickled code.
     """
+    if Path(path).suffix == ".safetensors":
+        return load_state_dict(path)
     try:
         return load_state_dict(path)
     except ValueError:
+        # Not a plain state dict (or not one torch's weights-only loader reads): the restricted unpickler,
+        # which runs no pickled code, rebuilds a whole module or says why the file is refused or invalid.
         return load_module_state_dict(path)
 
 
