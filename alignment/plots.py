@@ -41,8 +41,11 @@ def line_chart(
     xlabel: str = "",
     ylabel: str = "",
     size: tuple[int, int] = (720, 420),
+    markers: Sequence[tuple[float, str]] = (),
 ) -> Path:
     """Draw one line per series (points (x, y); non-finite y skipped) with axes, ticks and a legend.
+
+    `markers` are (x, label) pairs drawn as dashed red vertical lines (e.g. where a monitor alarm fired).
 
     Raises:
         ValueError: no series has a finite point.
@@ -53,7 +56,7 @@ def line_chart(
     clean = {k: v for k, v in clean.items() if v}
     if not clean:
         raise ValueError(f"nothing to plot: the series {list(series)} have no finite points.")
-    xs = [x for pts in clean.values() for x, _ in pts]
+    xs = [x for pts in clean.values() for x, _ in pts] + [float(x) for x, _ in markers]
     ys = [y for pts in clean.values() for _, y in pts]
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
@@ -86,6 +89,11 @@ def line_chart(
     d.text(((left + right) // 2 - 4 * len(xlabel), h - 22), xlabel, fill=(75, 85, 99), font=font)
     if ylabel:
         d.text((left + 6, top + 4), ylabel, fill=(75, 85, 99), font=font)
+    for mx, label in markers:
+        px = sx(float(mx))
+        for y in range(top, bottom, 8):
+            d.line([(px, y), (px, min(y + 4, bottom))], fill=(220, 38, 38), width=1)
+        d.text((px + 3, bottom - 16), str(label)[:18], fill=(220, 38, 38), font=font)
     for i, (name, pts) in enumerate(clean.items()):
         color = PALETTE[i % len(PALETTE)]
         xy = [(sx(x), sy(y)) for x, y in sorted(pts)]
@@ -122,11 +130,15 @@ def expected_best_of(scores: torch.Tensor) -> list[tuple[int, float]]:
     return out
 
 
-def plot_metrics(jsonl: str | Path, keys: Sequence[str], path: str | Path, title: str = "") -> Path | None:
-    """Training curves of `keys` (each a line; missing keys skipped) from a `metrics.jsonl`; None if empty."""
+def plot_metrics(jsonl: str | Path, keys: Sequence[str], path: str | Path, title: str = "",
+                 markers: Sequence[tuple[float, str]] = ()) -> Path | None:
+    """Training curves of `keys` (each a line; missing keys skipped) from a `metrics.jsonl`; None if empty.
+
+    `markers`: (step, label) vertical lines, e.g. the monitor's alarms.
+    """
     rows = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip()] if Path(jsonl).is_file() else []
     series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
     series = {k: v for k, v in series.items() if v}
     if not series:
         return None
-    return line_chart(series, path, title=title or Path(jsonl).parent.name, xlabel="step")
+    return line_chart(series, path, title=title or Path(jsonl).parent.name, xlabel="step", markers=markers)
