@@ -198,3 +198,23 @@ def test_best_dir_and_report(tmp_path):
 
     img = Image.open(path)
     assert img.width >= 6 * 64 and img.height > 3 * 64 + 400  # six columns of three, plus the charts
+
+
+def test_hook_single_process_writes_best_grids_and_report(tmp_path):
+    from alignment.monitor import MonitorHook
+
+    hook = MonitorHook(MonitorSection(on_alarm="stop", statistics=[]), tmp_path)
+    evals = [0.5, 0.7, 0.4]
+    saved = []
+    for i, e in enumerate(evals):
+        images = solid([0.5] * 3, n=4) + 0.1 * torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(i))
+        # shuffled order with its index: the hook restores validation order
+        sig = hook.on_validation(10 * i, {"val/reward/mean": 1.0 + i, "val/rewards/eval/mean": e},
+                                 images.flip(0), ["q", "q", "p", "p"], index=[3, 2, 1, 0],
+                                 save_best=lambda d, i=i: saved.append(i) or (d / "w").write_text(str(i)))
+        assert "monitor/drift/pixel" in sig
+    assert hook.should_stop() and saved == [1]
+    assert (tmp_path / "best" / "w").read_text() == "1"
+    assert hook.markers() == [(20, "divergence")]
+    summary = hook.finish()
+    assert summary["best"]["step"] == 10 and summary["stopped"] and (tmp_path / "monitor_report.png").is_file()

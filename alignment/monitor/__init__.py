@@ -7,13 +7,14 @@ Example:
     >>> signals, alarms, is_best = mon.observe(step, val_scalars, val_images, groups=val_prompts)
 """
 
+from .hook import MonitorHook
 from .monitor import BEST_DIR, HackingMonitor, MonitorSection, check_monitor, image_embedder, write_best
 from .report import save_validation_grid, write_run_report
 from .rules import Alarm, divergence, diversity_collapse, out_of_band, relative_change
 from .stats import STATISTICS, drift, embedding_diversity, image_statistics, pixel_diversity
 
 __all__ = [
-    "Alarm", "BEST_DIR", "HackingMonitor", "MonitorSection", "STATISTICS", "check_monitor", "divergence",
+    "Alarm", "BEST_DIR", "HackingMonitor", "MonitorHook", "MonitorSection", "STATISTICS", "check_monitor", "divergence",
     "diversity_collapse", "drift", "embedding_diversity", "image_embedder", "image_statistics", "out_of_band",
     "pixel_diversity", "relative_change", "save_validation_grid", "write_best", "write_run_report",
 ]

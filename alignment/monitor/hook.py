@@ -1,0 +1,106 @@
+"""`MonitorHook`: what a trainer calls to run the reward-hacking monitor at its validations, so that DPO,
+reward fine-tuning and policy gradient share one piece of code (gathering images across processes,
+the best checkpoint, the stop decision on every process, the report at the end).
+
+Example (inside a trainer):
+    >>> hook = MonitorHook(cfg.monitor, output_dir, accelerator, embed=image_embedder(reward))
+    >>> hook.resume(step)                                  # after accelerator.load_state
+    >>> signals = hook.on_validation(step, val_scalars, images, prompts, index, save_best=export_to_dir)
+    >>> if hook.should_stop(): break
+    >>> summary["monitor"] = hook.finish(metrics_jsonl, curve_keys, "curves.png", title)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .monitor import HackingMonitor, MonitorSection, write_best
+from .report import save_validation_grid, write_run_report
+
+
+class MonitorHook:
+    """Runs a `HackingMonitor` on the main process of an accelerate run.
+
+    Args:
+        section: the trainer config's ``monitor`` section.
+        output_dir: the run directory (``monitor.json``, ``best/``, ``monitor_grids/``, ``monitor_report.png``).
+        accelerator: the run's `Accelerator` (None for a plain single-process loop).
+        embed: optional image embedding for embedding-space diversity and drift.
+    """
+
+    def __init__(self, section: MonitorSection, output_dir: str | os.PathLike, accelerator=None,
+                 embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.accelerator = accelerator
+        self.main = accelerator is None or accelerator.is_main_process
+        self.output_dir = Path(output_dir)
+        self.monitor = HackingMonitor(section, self.output_dir if self.main else None, embed=embed)
+        self.enabled = section.enabled
+        self._stop = False
+
+    def resume(self, step: int) -> None:
+        if self.enabled and self.main:
+            self.monitor.resume(step)
+
+    def _gather(self, images: torch.Tensor, prompts: Sequence[str], index: Sequence[int]):
+        """All processes' validation images in validation order (the main process gets them; others None)."""
+        acc = self.accelerator
+        if acc is None or acc.num_processes == 1:
+            order = sorted(range(len(index)), key=lambda i: index[i])
+            return images[order], [prompts[i] for i in order]
+        from accelerate.utils import gather_object
+
+        mine = [(int(i), p, img.detach().cpu()) for i, p, img in zip(index, prompts, images)]
+        everything = sorted(gather_object(mine), key=lambda x: x[0])
+        if not self.main:
+            return None, None
+        return torch.stack([x[2] for x in everything]), [x[1] for x in everything]
+
+    def on_validation(self, step: int, scalars: dict, images: torch.Tensor, prompts: Sequence[str],
+                      index: Sequence[int] | None = None, save_best: Callable[[Path], None] | None = None) -> dict:
+        """Observe one validation; returns the signals to log (empty on other processes).
+
+        Args:
+            scalars: the validation scalars, already reduced over processes.
+            images, prompts: this process's validation images and their prompts.
+            index: each image's position in the full validation set (default: 0..n-1, one process).
+            save_best: writes the trained weights into a directory; called for ``best/`` when the
+                held-out score improves (on the main process only).
+        """
+        if not self.enabled:
+            return {}
+        index = list(range(len(prompts))) if index is None else list(index)
+        all_images, all_prompts = self._gather(images.float().clamp(0, 1), list(prompts), index)
+        signals: dict = {}
+        stop = 0.0
+        if self.main:
+            signals, _, is_best = self.monitor.observe(step, scalars, all_images, groups=all_prompts)
+            save_validation_grid(all_images, self.output_dir, step)
+            if is_best and step > 0 and self.monitor.section.keep_best and save_best is not None:
+                write_best(self.output_dir, self.monitor.best, save_best)
+            stop = 1.0 if self.monitor.should_stop else 0.0
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            flag = torch.tensor([stop], device=self.accelerator.device)
+            stop = float(self.accelerator.reduce(flag, reduction="sum").item())
+        self._stop = stop > 0
+        return signals
+
+    def should_stop(self) -> bool:
+        """True on every process once a rule fired under ``on_alarm: stop``."""
+        return self._stop
+
+    def markers(self) -> list[tuple[int, str]]:
+        """(step, rule) of every alarm, for the curves chart."""
+        return [(a.step, a.rule) for a in self.monitor.alarms] if self.main else []
+
+    def finish(self) -> dict:
+        """Write ``monitor_report.png``; returns the monitor's summary (alarms, best step, stopped)."""
+        if not (self.enabled and self.main):
+            return {}
+        report = write_run_report(self.output_dir, self.monitor)
+        out = self.monitor.summary()
+        out["report"] = str(report) if report else None
+        return out
