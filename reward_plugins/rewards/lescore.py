@@ -125,9 +125,11 @@ class ConditionedCrossReward(RewardModel):
     def prompt_condition_similarity(self, text_f: torch.Tensor, cond_f: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _stat_dtype(self) -> torch.dtype:
-        # The mask statistic decides hard thresholds: float32 unless reproducing the official dtype.
-        return self.dtype if self.exact else torch.float32
+    def _compute_dtype(self, features: torch.Tensor) -> torch.dtype:
+        # The mask statistic decides hard thresholds and the cosine is a small difference of large sums:
+        # float32 by default. exact=True follows the dtype the towers computed in (the weights' dtype, or
+        # autocast's), as the official code does: its fp16 run thresholds fp16 values.
+        return features.dtype if self.exact else torch.float32
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, ...]:
         """(token features (B, 77, P), text embedding (B, P), mask statistic, EOT position (B,)), cached."""
@@ -135,7 +137,7 @@ class ConditionedCrossReward(RewardModel):
         def encode(new: list[str]) -> tuple[torch.Tensor, ...]:
             ids = clip_token_ids(self.tokenizer, new).to(self.device)
             text_f, text_eos = text_tokens_and_embeds(self.model, ids)
-            dt = self._stat_dtype()
+            dt = self._compute_dtype(text_f)
             stat = self.prompt_condition_similarity(text_f.to(dt), self.condition_features().to(dt))
             # CLIP pools at the first occurrence of the largest id, EOT.
             return text_f, text_eos, stat, ids.argmax(dim=-1)
@@ -149,7 +151,7 @@ class ConditionedCrossReward(RewardModel):
     ) -> torch.Tensor:
         """``exp(logit_scale) * cos(text_eos, head(img_tokens, text_f, keep)[:, 0])``, (B,)."""
         f = head(img_tokens, text_f, keep, exact=self.exact, first_only=True)[:, 0]
-        dt = self.dtype if self.exact else torch.float32
+        dt = self._compute_dtype(f)
         cos = (F.normalize(text_eos.to(dt), dim=-1) * F.normalize(f.to(dt), dim=-1)).sum(-1)
         return self.model.logit_scale.to(dt).exp() * cos
 
