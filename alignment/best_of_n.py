@@ -80,6 +80,15 @@ def _check_positive_int(name: str, value: Any, minimum: int = 1, hint: str = "")
     return value
 
 
+def check_generation(num_inference_steps: Any, height: Any = None, width: Any = None) -> None:
+    """Refuse sampler settings diffusers would take and fail on later (0 steps divides by zero inside it,
+    negative steps return unsampled noise)."""
+    _check_positive_int("num_inference_steps", num_inference_steps, 1, "It is the number of denoising steps.")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None:
+            _check_positive_int(name, value, 8, "It is the image size in pixels (None: the pipeline's default).")
+
+
 def _check_reward(reward) -> None:
     from reward_plugins.base import RewardModel
 
@@ -278,6 +287,7 @@ def best_of_n(
     if k > n:
         raise ValueError(f"k must be <= n (cannot select {k} of {n} images per prompt); got k={k}, n={n}.")
     batch_size = _check_positive_int("batch_size", batch_size, 1, "It is the number of images per pipeline call.")
+    check_generation(num_inference_steps, height, width)
     device = check_same_device(pipe, reward)
     if prompt_indices is None:
         prompt_indices = list(range(len(prompts)))

@@ -19,6 +19,44 @@ import yaml
 
 T = TypeVar("T")
 
+MIN_KEY = "min"  # dataclass field metadata: the smallest value a count may take
+
+
+def count(default: int | None, minimum: int = 1, **kwargs: Any) -> Any:
+    """A dataclass field holding a count (steps, images, batch size ...): an int >= `minimum`, or None when
+    the field allows it. `from_dict` (so `load_config`) and `check_counts` refuse anything else.
+
+    Example:
+        >>> @dataclass
+        ... class Sampling:
+        ...     num_steps: int = count(50)            # >= 1
+        ...     save_every: int = count(0, minimum=0)  # 0 means off
+    """
+    return dataclasses.field(default=default, metadata={MIN_KEY: minimum}, **kwargs)
+
+
+def _check_count(value: Any, minimum: int, where: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{where} must be an integer >= {minimum}; got {value!r}.")
+
+
+def check_counts(cfg: Any, where: str = "") -> None:
+    """Check every `count` field of a dataclass config and of its nested sections (for configs built in code;
+    `load_config` already checks those it reads).
+
+    Raises:
+        ValueError: naming the dotted key, e.g. ``validation.num_inference_steps must be an integer >= 1; got 0``.
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{where}.{f.name}" if where else f.name
+        if MIN_KEY in f.metadata:
+            _check_count(value, f.metadata[MIN_KEY], key)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_counts(value, key)
+
 
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
@@ -53,12 +91,15 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "config") -> T
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown key {k!r} in {where}.{hint} Valid keys: {', '.join(sorted(types_))}.")
     kwargs = {}
+    minimums = {f.name: f.metadata[MIN_KEY] for f in dataclasses.fields(cls) if MIN_KEY in f.metadata}
     for k, v in data.items():
         sub = _dataclass_in(types_[k])
         if sub is not None and isinstance(v, Mapping):
             kwargs[k] = from_dict(sub, v, f"{where}.{k}")
         else:
             kwargs[k] = _coerce(v, types_[k], f"{where}.{k}")
+        if k in minimums:
+            _check_count(kwargs[k], minimums[k], f"{where}.{k}")
     try:
         return cls(**kwargs)
     except TypeError as e:

@@ -38,7 +38,14 @@ from typing import Any
 
 import torch
 
-from .best_of_n import _check_positive_int, _check_prompts, _check_reward, best_of_n, check_same_device
+from .best_of_n import (
+    _check_positive_int,
+    _check_prompts,
+    _check_reward,
+    best_of_n,
+    check_generation,
+    check_same_device,
+)
 from .pipelines import check_pipeline
 
 __all__ = ["PairsResult", "RULES", "mine_pairs", "select_pairs", "dominance_dimensions", "encode_image"]
@@ -361,6 +368,8 @@ def mine_pairs(
     image_format = str(image_format).lower().replace("jpg", "jpeg")
     if image_format not in ("png", "jpeg"):
         raise ValueError(f"image_format must be 'png' or 'jpeg'; got {image_format!r}.")
+    check_generation(num_inference_steps, height, width)
+    _check_positive_int("batch_size", batch_size, 1, "It is the number of images per pipeline call.")
     check_same_device(pipe, reward)
 
     proc = accelerator.process_index if accelerator is not None else 0

@@ -137,7 +137,7 @@ def test_check_sections_errors_name_the_key():
         check_sections(ModelSection(), *ok[1:])
     with pytest.raises(ValueError, match="train.mixed_precision"):
         check_sections(*ok[:2], TrainSection(mixed_precision="fp8"))
-    with pytest.raises(ValueError, match="train.batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="train.batch_size must be an integer >= 1"):
         check_sections(*ok[:2], TrainSection(batch_size=0))
     with pytest.raises(ValueError, match="did not match"):
         pipe = build_pipeline(ModelSection(tiny="sd"), "cpu")

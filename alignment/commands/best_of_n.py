@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import yaml
 
+from ..configs import count
+
 PIPELINE_HELP = "diffusers pipeline: hub id or dir written by save_pretrained; 'tiny-sd'/'tiny-sdxl' = random tiny"
 
 
@@ -36,14 +38,14 @@ class GenerationConfig:
     backbone: str | None = None
     prompts: list[str] = field(default_factory=list)
     prompts_file: str | None = None
-    max_prompts: int | None = None
-    n: int = 4
-    batch_size: int = 8
+    max_prompts: int | None = count(None)
+    n: int = count(4)
+    batch_size: int = count(8)
     seed: int = 0
-    num_inference_steps: int = 30
+    num_inference_steps: int = count(30)
     guidance_scale: float = 7.5
-    height: int | None = None
-    width: int | None = None
+    height: int | None = count(None, minimum=8)
+    width: int | None = count(None, minimum=8)
     device: str | None = None
     dtype: str = "auto"
     reward_dtype: str | None = None
@@ -54,10 +56,10 @@ class GenerationConfig:
 class BestOfNJobConfig(GenerationConfig):
     """`reward-align best-of-n`: keep the top `k` of `n`; `save_images` is 'top_k', 'all' or 'none'."""
 
-    k: int = 1
+    k: int = count(1)
     output_dir: str = "outputs/best_of_n"
     save_images: str = "top_k"
-    cell_size: int = 192
+    cell_size: int = count(192)
 
 
 def read_prompts(cfg: GenerationConfig) -> list[str]:

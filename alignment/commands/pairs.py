@@ -12,6 +12,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from ..configs import count
 from .best_of_n import (
     GenerationConfig,
     add_generation_args,
@@ -29,12 +30,12 @@ class PairsJobConfig(GenerationConfig):
     """`reward-align pairs`: see `alignment.pairs.mine_pairs` for `rule`, `dimension`, `margin`, `shard_size`,
     `pairs_per_prompt` (null = every qualifying pair) and `image_format` ('png' or 'jpeg')."""
 
-    n: int = 4
+    n: int = count(4, minimum=2)
     rule: str = "composite"
     dimension: str | None = None
     margin: float = 0.0
-    shard_size: int = 16
-    pairs_per_prompt: int | None = 1
+    shard_size: int = count(16)
+    pairs_per_prompt: int | None = count(1)
     image_format: str = "png"
     output_dir: str = "outputs/pairs"
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from alignment.configs import check_counts, count
+
 PRECISIONS = ("no", "bf16", "fp16")
 TINY_FAMILIES = ("sd", "sdxl")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -59,7 +61,7 @@ class ModelSection:
     pipeline: str | None = None
     tiny: str | None = None
     tiny_seed: int = 0
-    resolution: int | None = None
+    resolution: int | None = count(None)
     prediction_type: str | None = None
 
 
@@ -75,7 +77,7 @@ class LoraSection:
         enabled: False trains every UNet weight instead (the reference is then an explicit frozen copy).
     """
 
-    rank: int = 8
+    rank: int = count(8)
     alpha: float | None = None
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     dropout: float = 0.0
@@ -109,25 +111,25 @@ class TrainSection:
 
     seed: int = 0
     lr: float = 1e-5
-    max_steps: int = 1000
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
+    max_steps: int = count(1000)
+    batch_size: int = count(1)
+    gradient_accumulation_steps: int = count(1)
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     max_grad_norm: float | None = 1.0
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: int = count(0, minimum=0)
     lr_scheduler: str = "constant_with_warmup"
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     weight_decay: float = 1e-2
-    save_every: int = 500
-    checkpoints_total_limit: int | None = 3
-    log_every: int = 10
-    validate_every: int = 0
+    save_every: int = count(500, minimum=0)
+    checkpoints_total_limit: int | None = count(3)
+    log_every: int = count(10, minimum=0)
+    validate_every: int = count(0, minimum=0)
     output_dir: str = "outputs/train"
     report_to: str = "tensorboard"
-    num_workers: int = 0
+    num_workers: int = count(0, minimum=0)
 
 
 def check_sections(model: ModelSection, lora: LoraSection, train: TrainSection, need_pipeline: bool = True) -> None:
@@ -139,6 +141,8 @@ def check_sections(model: ModelSection, lora: LoraSection, train: TrainSection, 
     Raises:
         ValueError: naming the key, the value received and what to use instead.
     """
+    for name, section in (("model", model), ("lora", lora), ("train", train)):
+        check_counts(section, name)
     if need_pipeline and model.tiny is None and not model.pipeline:
         raise ValueError(
             "model.pipeline is empty and model.tiny is not set; give a pipeline dir or hub id "

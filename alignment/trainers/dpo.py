@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from alignment.configs import check_counts, count
 from alignment.losses import DPO_LOSS_TYPES, diffusion_dpo_loss, per_sample_mse
 from alignment.plots import plot_metrics
 from alignment.trainers.common import (
@@ -103,8 +104,8 @@ class DataSection:
     ties: str = "skip"
     resize: bool = False
     validate: str = "header"
-    max_pairs: int | None = None
-    synthetic_pairs: int = 0
+    max_pairs: int | None = count(None)
+    synthetic_pairs: int = count(0, minimum=0)
 
 
 @dataclass
@@ -146,7 +147,7 @@ class ValidationSection:
     reward: str | None = None
     reward_kwargs: dict = field(default_factory=dict)
     reward_dtype: str = "fp32"
-    num_inference_steps: int = 20
+    num_inference_steps: int = count(20)
     guidance_scale: float = 7.5
     seed: int = 0
     save_images: bool = True
@@ -175,8 +176,8 @@ class OnlineSection:
     prompts_file: str | None = None
     reward: str = "pickscore"
     reward_kwargs: dict = field(default_factory=dict)
-    images_per_prompt: int = 4
-    steps_per_round: int = 100
+    images_per_prompt: int = count(4, minimum=2)
+    steps_per_round: int = count(100)
     mine_kwargs: dict = field(default_factory=dict)
 
 
@@ -195,6 +196,7 @@ class DPOConfig:
 
 def check_config(cfg: DPOConfig, need_pipeline: bool = True) -> None:
     """Validate `cfg` before anything is loaded or written. Raises ValueError naming the key and the fix."""
+    check_counts(cfg)
     check_sections(cfg.model, cfg.lora, cfg.train, need_pipeline=need_pipeline)
     if cfg.dpo.loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"dpo.loss_type must be one of {DPO_LOSS_TYPES}; got {cfg.dpo.loss_type!r}.")

@@ -50,7 +50,7 @@ from reward_plugins.composite import CompositeReward, Term
 from reward_plugins.registry import create_reward, parse_name, resolve_dtype
 
 from .. import losses
-from ..configs import save_config
+from ..configs import check_counts, count, save_config
 from ..pipelines import PipelineAdapter
 from ..plots import plot_metrics
 from ..sampling import decode, denoise, negative_embeds, renoise_final_step
@@ -105,7 +105,7 @@ class RewardSection:
 
     terms: dict[str, float] = field(default_factory=lambda: {"aesthetic-tiny": 1.0})
     normalize: bool = False
-    calibration_images: int = 8
+    calibration_images: int = count(8, minimum=2)
     options: dict[str, dict] = field(default_factory=dict)
     dtype: str = "fp32"
 
@@ -135,8 +135,8 @@ class MethodSection:
     """
 
     name: str = "draft"
-    k: int = 1
-    lv_n: int = 2
+    k: int = count(1)
+    lv_n: int = count(2)
     truncation_range: list[int] | None = None
     refl_step_range: list[int] | None = None
     refl_target: float = 2.0
@@ -163,7 +163,7 @@ class SamplingSection:
         checkpoint_vae: gradient-checkpoint the VAE decode.
     """
 
-    num_steps: int = 50
+    num_steps: int = count(50)
     guidance_scale: float = 7.5
     scheduler: str | None = None
     eta: float = 0.0
@@ -185,7 +185,7 @@ class DataSection:
     prompts_file: str | None = None
     val_prompts: list[str] = field(default_factory=list)
     val_prompts_file: str | None = None
-    val_images_per_prompt: int = 1
+    val_images_per_prompt: int = count(1)
 
 
 @dataclass
@@ -335,6 +335,7 @@ class RewardFinetuner:
     ) -> None:
         self.cfg = config
         self.output_dir = Path(output_dir or config.train.output_dir)
+        check_counts(config)
         check_method(config.method, config.sampling)
         if config.method.name == "rwr" and config.train.batch_size < 2:
             # The weights are normalised over each micro-batch: with one sample every weight is 1 and RWR
