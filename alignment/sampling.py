@@ -33,13 +33,14 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .losses import anchor_l2
-from .pipelines import PipelineAdapter, PromptEmbeds
+from .pipelines import PipelineAdapter, PromptEmbeds, scheduler_from_config
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "ddpm": "DDPMScheduler",
     "euler": "EulerDiscreteScheduler",
     "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",
 }
 
 # A callable giving the frozen base model's prediction for the same UNet input (KL/L2 anchor).
@@ -82,40 +83,40 @@ def make_scheduler(adapter: PipelineAdapter, kind=None):
     """
     import diffusers
 
+    allowed = {k: v for k, v in SCHEDULERS.items() if v in adapter.sampling_schedulers}
     if kind is not None and not isinstance(kind, str):
-        if type(kind).__name__ not in SCHEDULERS.values():
+        if type(kind).__name__ not in allowed.values():
             raise ValueError(
-                f"scheduler {type(kind).__name__} is not supported by the gradient sampling loop; pass one of "
-                f"{sorted(SCHEDULERS)} (by name or instance)."
+                f"scheduler {type(kind).__name__} is not supported by the gradient sampling loop for "
+                f"{adapter.family} pipelines; pass one of {sorted(allowed)} (by name or instance)."
             )
-        return type(kind).from_config(kind.config)
+        return scheduler_from_config(type(kind), kind.config)
     base = adapter.scheduler
     if kind is None:
-        if type(base).__name__ in SCHEDULERS.values():
-            return type(base).from_config(base.config)
+        if type(base).__name__ in allowed.values():
+            return scheduler_from_config(type(base), base.config)
+        fallback = "ddim" if "ddim" in allowed else sorted(allowed)[0]
         # PNDM (SD 1.5's default), DPM-Solver, LMS ...: multistep or without `pred_original_sample`, which
         # the truncated loop and ReFL's x0 need. DDIM is the usual choice for reward-gradient methods.
         warnings.warn(
             f"the pipeline's scheduler {type(base).__name__} is not supported by the gradient sampling loop; "
-            f"using DDIM with its config (set sampling.scheduler to one of {sorted(SCHEDULERS)} to choose).",
+            f"using {SCHEDULERS[fallback]} with its config (set sampling.scheduler to one of {sorted(allowed)} to choose).",
             stacklevel=2,
         )
-        return diffusers.DDIMScheduler.from_config(base.config)
-    if kind not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {kind!r}; use one of {sorted(SCHEDULERS)} or None for the pipeline's own.")
-    return getattr(diffusers, SCHEDULERS[kind]).from_config(base.config)
+        return scheduler_from_config(getattr(diffusers, SCHEDULERS[fallback]), base.config)
+    if kind not in allowed:
+        raise ValueError(
+            f"unknown scheduler {kind!r} for {adapter.family} pipelines; use one of {sorted(allowed)} "
+            "or None for the pipeline's own."
+        )
+    return scheduler_from_config(getattr(diffusers, SCHEDULERS[kind]), base.config)
 
 
-def negative_embeds(adapter: PipelineAdapter, cond: PromptEmbeds) -> PromptEmbeds:
+def negative_embeds(adapter: PipelineAdapter, cond: PromptEmbeds) -> PromptEmbeds | None:
     """Unconditional embeddings for classifier-free guidance, as the pipeline itself builds them: the
-    empty prompt, or zeros for SDXL pipelines with ``force_zeros_for_empty_prompt``."""
-    batch = cond.embeds.shape[0]
-    if adapter.family == "sdxl" and adapter.pipe.config.get("force_zeros_for_empty_prompt", False):
-        return PromptEmbeds(torch.zeros_like(cond.embeds), torch.zeros_like(cond.pooled), cond.time_ids)
-    neg = adapter.encode_prompts([""] * batch)
-    if cond.time_ids is not None:
-        neg.time_ids = cond.time_ids
-    return neg
+    empty prompt, zeros for SDXL pipelines with ``force_zeros_for_empty_prompt``, None for
+    guidance-distilled families (FLUX), whose guidance goes into an embedding instead."""
+    return adapter.negative_embeds(cond)
 
 
 def initial_latents(
@@ -126,12 +127,15 @@ def initial_latents(
     from diffusers.utils.torch_utils import randn_tensor
 
     res = resolution or adapter.default_resolution
-    if res % adapter.vae_scale:
-        raise ValueError(f"resolution must be a multiple of {adapter.vae_scale} (the VAE's downsampling); got {res}.")
+    if res % adapter.resolution_multiple:
+        raise ValueError(
+            f"resolution must be a multiple of {adapter.resolution_multiple} for {adapter.family} pipelines "
+            f"(VAE downsampling x denoiser patching); got {res}."
+        )
     side = res // adapter.vae_scale
     shape = (batch, adapter.latent_channels, side, side)
     x = randn_tensor(shape, generator=generator, device=adapter.device, dtype=torch.float32)
-    return x * scheduler.init_noise_sigma
+    return x * getattr(scheduler, "init_noise_sigma", 1.0)
 
 
 def _step_kwargs(scheduler, eta: float, generator) -> dict:
@@ -158,7 +162,8 @@ def _predict(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One (guided) UNet prediction; with gradients, checkpointed. Returns (prediction, anchor term)."""
     x_in = torch.cat([x, x]) if guided is not None else x
-    x_in = scheduler.scale_model_input(x_in, t)
+    if hasattr(scheduler, "scale_model_input"):  # flow-matching schedulers take x_t as it is
+        x_in = scheduler.scale_model_input(x_in, t)
     emb = guided if guided is not None else cond
     if use_checkpoint and torch.is_grad_enabled():
         # Non-reentrant checkpointing: only the inputs are kept; activations are recomputed in backward.
@@ -230,13 +235,15 @@ def denoise(
     if not 0 <= grad_steps <= run:
         raise ValueError(f"grad_steps must be in [0, {run}] (the steps that are run); got {grad_steps}.")
     sched = make_scheduler(adapter, scheduler)
-    sched.set_timesteps(num_steps, device=adapter.device)
+    adapter.set_timesteps(sched, num_steps, resolution or (None if latents is None else latents.shape[-1] * adapter.vae_scale))
     timesteps = sched.timesteps
     batch = cond.embeds.shape[0]
     if latents is None:
         x = initial_latents(adapter, batch, sched, resolution, generator)
     else:
-        x = latents.float().to(adapter.device) * sched.init_noise_sigma
+        x = latents.float().to(adapter.device) * getattr(sched, "init_noise_sigma", 1.0)
+    if not adapter.uses_cfg:  # guidance-distilled (FLUX-dev): the scale goes into the guidance embedding
+        cond = adapter.with_guidance(cond, guidance_scale)
     guided = uncond.cat(cond) if (uncond is not None and guidance_scale > 1) else None
     step_kw = _step_kwargs(sched, eta, generator)
     first_grad = run - grad_steps
@@ -251,7 +258,13 @@ def denoise(
             if anchor is not None:
                 anchors.append(anchor)
             out = sched.step(pred, t, x, **step_kw, return_dict=True)
-            x, x0 = out.prev_sample.float(), out.pred_original_sample
+            if stop_at is not None and i == stop_at:
+                # ReFL's one-step estimate: the scheduler's own where it gives one, else the family's
+                # formula (flow schedulers return none: x̂₀ = x_t − σ·v)
+                x0 = getattr(out, "pred_original_sample", None)
+                if x0 is None:
+                    x0 = adapter.predicted_x0(x, pred, t, sched)
+            x = out.prev_sample.float()
     final = x if stop_at is None else x0.float()
     anchor = torch.stack(anchors).mean() if anchors else None
     return DenoiseOutput(final, anchor, grad_steps, timesteps)
@@ -285,7 +298,7 @@ def renoise_final_step(
     from diffusers.utils.torch_utils import randn_tensor
 
     sched = make_scheduler(adapter, scheduler)
-    sched.set_timesteps(num_steps, device=adapter.device)
+    adapter.set_timesteps(sched, num_steps, latents.shape[-1] * adapter.vae_scale)
     last = len(sched.timesteps) - 1
     if hasattr(sched, "set_begin_index"):
         # Euler-family schedulers index sigmas by step position; start them at the last step.
@@ -293,7 +306,9 @@ def renoise_final_step(
     t = sched.timesteps[last]
     x0 = latents.detach().float().repeat_interleave(n, dim=0)
     noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    x = sched.add_noise(x0, noise, t.reshape(1).expand(x0.shape[0]))
+    x = adapter.renoise(sched, x0, noise, t)
+    if not adapter.uses_cfg:
+        cond = adapter.with_guidance(cond, guidance_scale)
     cond_n = cond.repeat(n)
     uncond_n = uncond.repeat(n) if uncond is not None else None
     guided = uncond_n.cat(cond_n) if (uncond_n is not None and guidance_scale > 1) else None

@@ -211,7 +211,7 @@ def test_argument_errors_teach():
         denoise(ad, cond, num_steps=0)
     with pytest.raises(ValueError, match="unknown scheduler 'dpm'"):
         make_scheduler(ad, "dpm")
-    with pytest.raises(ValueError, match="resolution must be a multiple of 2"):
+    with pytest.raises(ValueError, match="resolution must be a multiple of 4"):
         denoise(ad, cond, num_steps=1, resolution=33)
     with pytest.raises(ValueError, match="positive int"):
         renoise_final_step(ad, torch.zeros(2, 4, 16, 16), cond, n=0)
