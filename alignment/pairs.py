@@ -17,6 +17,10 @@ Resuming: prompts are processed in a fixed order in blocks of `shard_size`; a bl
 temporary file and renamed, then the progress file is rewritten (also by rename). A killed run therefore
 leaves only whole shards; the next run skips finished blocks and redoes the rest. A block's content depends
 only on the settings and the prompts (seeds are per prompt), so a resumed dataset equals an uninterrupted one.
+A resume does not trust the progress files blindly: each finished shard must still exist with its recorded
+size, a readable parquet footer and its recorded row count, or its block is mined again (with a warning).
+A directory whose run finished no block (it failed before its first shard) is not a run to protect: a rerun
+with other settings replaces its manifest.
 
 Several GPUs: pass an accelerate `Accelerator`; prompts are split across processes with
 `accelerator.split_between_processes`, each process writes its own shard set, and the main process writes
@@ -31,6 +35,7 @@ import json
 import os
 import random
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,6 +266,8 @@ def _check_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any] | Non
     prev = old.get("settings", {})
     diff = {k: (prev.get(k), v) for k, v in settings.items() if json.loads(json.dumps(prev.get(k))) !=
             json.loads(json.dumps(v))}
+    if diff and not _has_finished_blocks(out):
+        return None  # the old run failed before finishing any block: nothing to protect, start afresh
     if diff:
         details = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in list(diff.items())[:6])
         raise ValueError(
@@ -273,7 +280,54 @@ def _check_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any] | Non
 def _read_progress(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {"blocks": {}}
-    return json.loads(path.read_text())
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it to mine its prompts again.") from None
+    if not isinstance(state, dict) or not isinstance(state.get("blocks", {}), dict):
+        raise ValueError(f"{path} is not a pairs progress file; delete it to mine its prompts again.")
+    return state
+
+
+def _has_finished_blocks(out: Path) -> bool:
+    """Whether any process of the run in `out` recorded a finished block (or left a shard)."""
+    if (out / DATA_DIR).is_dir() and any((out / DATA_DIR).glob("*.parquet")):
+        return True
+    return any(_read_progress(p).get("blocks") for p in out.glob("progress-p*.json"))
+
+
+def _shard_problem(out: Path, info: Mapping[str, Any]) -> str | None:
+    """Why a finished block's shard cannot be trusted (missing, wrong size, unreadable footer, wrong row
+    count), or None when it checks out. Blocks without pairs have no shard and nothing to check."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not info.get("file"):
+        return None
+    path = out / info["file"]
+    if not path.is_file():
+        return "the file is missing"
+    size = path.stat().st_size
+    if "bytes" in info and size != info["bytes"]:
+        return f"it has {size} bytes, {info['bytes']} were written"
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows  # reads the footer, which a truncated file lacks
+    except (pa.ArrowInvalid, OSError) as e:
+        return f"its parquet footer is unreadable ({' '.join(str(e).split())[:120]})"
+    if rows != info.get("num_pairs"):
+        return f"it holds {rows} rows, {info.get('num_pairs')} were written"
+    return None
+
+
+def _drop_broken_blocks(out: Path, done: dict[str, Any]) -> list[str]:
+    """Remove finished blocks whose shard fails `_shard_problem` from `done`; returns the warnings."""
+    notes = []
+    for b, info in sorted(done.items(), key=lambda kv: int(kv[0])):
+        problem = _shard_problem(out, info)
+        if problem is not None:
+            notes.append(f"{info['file']} of block {b} is broken ({problem}); its prompts are mined again.")
+            del done[b]
+    return notes
 
 
 def mine_pairs(
@@ -398,9 +452,14 @@ def mine_pairs(
         my_indices = all_indices
     blocks = [my_indices[s : s + shard_size] for s in range(0, len(my_indices), shard_size)]
     progress_path = out / f"progress-p{proc:05d}.json"
-    state = _read_progress(progress_path)
+    state = _read_progress(progress_path) if existing is not None else {"blocks": {}}
     done = state.setdefault("blocks", {})
     state.update({"process_index": proc, "num_processes": nproc})
+    broken = _drop_broken_blocks(out, done)
+    for note in broken:
+        warnings.warn(f"pairs resume in {out}: {note}", stacklevel=2)
+    if broken:
+        _atomic_write_json(progress_path, state)
     schema = _schema(dims)
 
     from tqdm.auto import tqdm
@@ -446,7 +505,8 @@ def mine_pairs(
             if rows:
                 name = f"{DATA_DIR}/train-p{proc:05d}-s{b:05d}.parquet"
                 _write_shard(out / name, rows, schema)
-            done[str(b)] = {"file": name, "num_pairs": len(rows), "prompts": [block[0], block[-1] + 1]}
+            done[str(b)] = {"file": name, "num_pairs": len(rows), "prompts": [block[0], block[-1] + 1],
+                            "bytes": (out / name).stat().st_size if name else 0}
             _atomic_write_json(progress_path, state)
             new_pairs += len(rows)
             bar.update(len(block))
