@@ -105,8 +105,9 @@ def make_scheduler(adapter: PipelineAdapter, kind=None):
         )
         return scheduler_from_config(getattr(diffusers, SCHEDULERS[fallback]), base.config)
     if kind not in allowed:
+        what = "is not supported by the gradient sampling loop" if kind in SCHEDULERS else "is unknown"
         raise ValueError(
-            f"unknown scheduler {kind!r} for {adapter.family} pipelines; use one of {sorted(allowed)} "
+            f"scheduler {kind!r} {what} for {adapter.family} pipelines; use one of {sorted(allowed)} "
             "or None for the pipeline's own."
         )
     return scheduler_from_config(getattr(diffusers, SCHEDULERS[kind]), base.config)

@@ -65,8 +65,8 @@ def _t5(d_model: int):
 
     return T5EncoderModel(T5Config(
         vocab_size=len(tiny_t5_tokenizer()), d_model=d_model, d_ff=37, d_kv=8, num_layers=1, num_heads=2,
-        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    ))
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout_rate=0.0,
+    )).eval()
 
 
 def _scheduler(prediction_type: str = "epsilon"):

@@ -209,7 +209,7 @@ def test_argument_errors_teach():
         denoise(ad, cond, num_steps=3, stop_at=3)
     with pytest.raises(ValueError, match="num_steps must be a positive int"):
         denoise(ad, cond, num_steps=0)
-    with pytest.raises(ValueError, match="unknown scheduler 'dpm'"):
+    with pytest.raises(ValueError, match="scheduler 'dpm' is unknown"):
         make_scheduler(ad, "dpm")
     with pytest.raises(ValueError, match="resolution must be a multiple of 4"):
         denoise(ad, cond, num_steps=1, resolution=33)
