@@ -6,8 +6,11 @@ share one reward object (say `lescore:fidelity` and `lescore:alignment`) run it 
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -103,5 +106,41 @@ class CompositeReward(RewardModel):
         for t in self.terms:
             r = out.per_dim[t.name]
             t.shift, t.scale = float(r.mean()), max(float(r.std()), 1e-6)
+            stats[t.name] = (t.shift, t.scale)
+        return stats
+
+    def load_calibration(self, source: str | os.PathLike | Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+        """Set each term's shift/scale to the mean/std of a saved calibration (the JSON written by
+        `reward-align eval-reward --calibrate`, or its dict) instead of estimating them from one batch.
+
+        A term uses the statistics of its reward's name and its dimension (or the reward's selected
+        dimension); a term on a weighted mix of dimensions has no single entry and is rejected.
+
+        Raises:
+            ValueError: not a calibration file, or a term's reward or dimension is not in it.
+        """
+        data = json.loads(Path(source).read_text()) if not isinstance(source, Mapping) else source
+        if not isinstance(data, Mapping) or data.get("format") != "reward-plugins/calibration":
+            raise ValueError(
+                f"{source if not isinstance(source, Mapping) else 'the mapping'} is not a calibration file "
+                "(format 'reward-plugins/calibration'); write one with `reward-align eval-reward --calibrate`."
+            )
+        rewards = data.get("rewards", {})
+        stats = {}
+        for t in self.terms:
+            entry = rewards.get(t.reward.name)
+            if entry is None:
+                raise ValueError(f"the calibration has no statistics for reward {t.reward.name!r} (it has "
+                                 f"{sorted(rewards)}); calibrate that reward too.")
+            sel = t.reward.selection
+            dim = t.dimension or (next(iter(sel)) if len(sel) == 1 else None)
+            if dim is None:
+                raise ValueError(f"term {t.name!r} scores a weighted mix {sel}; a calibration holds one "
+                                 "distribution per dimension, so give the term one dimension.")
+            s = entry.get("dimensions", {}).get(dim)
+            if s is None:
+                raise ValueError(f"the calibration of {t.reward.name!r} has no dimension {dim!r} (it has "
+                                 f"{sorted(entry.get('dimensions', {}))}).")
+            t.shift, t.scale = float(s["mean"]), max(float(s["std"]), 1e-6)
             stats[t.name] = (t.shift, t.scale)
         return stats

@@ -63,12 +63,14 @@ from .common import (
     build_pipeline,
     check_sections,
     disabled_adapter,
+    drop_log_rows_after,
     export_lora,
     latest_checkpoint,
     make_accelerator,
     read_checkpoint_state,
     read_jsonl,
     register_trainable_state_hooks,
+    resume_tracker_kwargs,
     save_checkpoint,
     unwrap,
     weight_dtype_for,
@@ -98,6 +100,8 @@ class RewardSection:
         normalize: set each term's shift/scale to its mean/std on a first batch of base-model samples
             (`CompositeReward.calibrate`), so terms on different scales weigh as their weights say.
         calibration_images: images in that first batch (>= 2).
+        calibration_file: a calibration JSON from `reward-align eval-reward --calibrate` (mean/std per reward
+            and dimension on a reference set); when given, terms are normalised from it instead of a first batch.
         options: keyword arguments for `create_reward` per reward name, e.g.
             ``{"aesthetic": {"checkpoint": "sac+logos+ava1-l14-linearMSE.pth"}}``.
         dtype: the reward's parameter dtype (``fp32``, ``bf16``, ``fp16``).
@@ -106,6 +110,7 @@ class RewardSection:
     terms: dict[str, float] = field(default_factory=lambda: {"aesthetic-tiny": 1.0})
     normalize: bool = False
     calibration_images: int = count(8, minimum=2)
+    calibration_file: str | None = None
     options: dict[str, dict] = field(default_factory=dict)
     dtype: str = "fp32"
 
@@ -470,7 +475,10 @@ class RewardFinetuner:
         """Per-term normalisation of the training (and evaluation) reward on base-model samples."""
         stats = {}
         for what, reward, section in (("reward", self.reward, self.cfg.reward), ("eval_reward", self.eval_reward, self.cfg.eval_reward)):
-            if reward is None or section is None or not section.normalize:
+            if reward is None or section is None or not (section.normalize or section.calibration_file):
+                continue
+            if section.calibration_file:  # statistics measured on a reference set beat one first batch
+                stats[what] = {k: list(v) for k, v in reward.load_calibration(section.calibration_file).items()}
                 continue
             n = max(2, section.calibration_images)
             # The same seed on every process: each computes identical statistics, no communication needed.
@@ -679,8 +687,7 @@ class RewardFinetuner:
             calibration = read_checkpoint_state(path).get("calibration", {})
             self._apply_calibration(calibration)
             if acc.is_main_process:  # drop log rows written after the checkpoint by the interrupted run
-                rows = [r for r in read_jsonl(self.logger.path) if r["step"] <= self.step]
-                self.logger.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                drop_log_rows_after(self.logger.path, self.step)
         else:
             if acc.is_main_process and self.logger.path.exists():
                 self.logger.path.unlink()
@@ -688,7 +695,7 @@ class RewardFinetuner:
             if acc.is_main_process:
                 save_config(self.cfg, self.output_dir / "config.yaml")
         if acc.is_main_process and t.report_to == "tensorboard" and acc.log_with:
-            acc.init_trackers("reward_finetune")
+            acc.init_trackers("reward_finetune", init_kwargs=resume_tracker_kwargs(self.step))
         if self.step == 0:
             self._log(self.validate(), 0)
 
