@@ -135,12 +135,15 @@ def _parse_value(text: str) -> Any:
 
 def apply_overrides(data: dict, overrides: list[str] | Mapping[str, Any] | None) -> dict:
     """Apply ``a.b=value`` strings (YAML-parsed values) or a mapping of dotted keys onto nested dicts."""
+    if not isinstance(overrides, Mapping):
+        for o in overrides or []:
+            if "=" not in str(o):
+                raise ValueError(f"override {o!r} must look like key=value (e.g. train.lr=1e-5).")
+    # `key=null` sets None (e.g. train.checkpoints_total_limit=null).
     items = overrides.items() if isinstance(overrides, Mapping) else [
-        (o.split("=", 1)[0], _parse_value(o.split("=", 1)[1])) if "=" in o else (o, None) for o in (overrides or [])
+        (o.split("=", 1)[0], _parse_value(o.split("=", 1)[1])) for o in (overrides or [])
     ]
     for key, value in items:
-        if isinstance(overrides, list) and value is None and "=" not in str(key):
-            raise ValueError(f"override {key!r} must look like key=value (e.g. train.lr=1e-5).")
         node = data
         parts = str(key).split(".")
         for p in parts[:-1]:

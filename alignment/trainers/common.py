@@ -510,6 +510,23 @@ class JsonlLogger:
             f.write(json.dumps(row) + "\n")
 
 
+def drop_log_rows_after(path: str | os.PathLike, step: int) -> None:
+    """Keep only the rows of a `JsonlLogger` file logged at steps <= `step` (a resumed run's checkpoint): rows
+    an interrupted run wrote after its last checkpoint are logged again by the resumed run."""
+    p = Path(path)
+    if p.is_file():
+        rows = [r for r in read_jsonl(p) if int(r.get("step", 0)) <= step]
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, p)
+
+
+def resume_tracker_kwargs(step: int) -> dict:
+    """`accelerator.init_trackers(..., init_kwargs=...)` for a run resumed at `step`: tensorboard purges the
+    events at later steps that the interrupted run wrote (SummaryWriter's `purge_step`)."""
+    return {"tensorboard": {"purge_step": int(step) + 1}} if step > 0 else {}
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     p = Path(path)
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []

@@ -46,11 +46,13 @@ from alignment.trainers.common import (
     build_pipeline,
     check_sections,
     disabled_adapter,
+    drop_log_rows_after,
     export_lora,
     latest_checkpoint,
     make_accelerator,
     progress_bar,
     register_trainable_state_hooks,
+    resume_tracker_kwargs,
     save_checkpoint,
     unwrap,
     weight_dtype_for,
@@ -624,7 +626,10 @@ class DPOTrainer:
             from alignment.configs import save_config
 
             save_config(cfg, self.output_dir / "config.yaml")
-        acc.init_trackers("dpo", config={k: v for k, v in _flat(dataclasses.asdict(cfg)).items() if not isinstance(v, str) or len(v) < 200})
+            if start > 0:  # rows the interrupted run logged after this checkpoint are logged again below
+                drop_log_rows_after(self.log_file.path, start)
+        acc.init_trackers("dpo", config={k: v for k, v in _flat(dataclasses.asdict(cfg)).items() if not isinstance(v, str) or len(v) < 200},
+                          init_kwargs=resume_tracker_kwargs(start))
         self.global_step = start
         bar = progress_bar(acc, cfg.train.max_steps, initial=min(start, final), desc="dpo")
         last: dict = {}
@@ -646,7 +651,7 @@ class DPOTrainer:
                 data = dataclasses.replace(cfg.data, path=str(path))
                 self.source = read_pair_source(data)
                 self.index = index_pairs(self.source, data)
-            if self.index.ties and acc.is_main_process:
+            if self.index.ties and acc.is_main_process and start == 0:
                 self.log_file.log({"data/ties_skipped": self.index.ties, "data/pairs": len(self.index.rows)}, start)
             if start < final:
                 last = self._train_steps(self._dataset(self.source, self.index), start, final, 0, bar)
