@@ -221,8 +221,9 @@ def _generate(pipe, prompts: list[str], seeds: list[int], settings: Mapping[str,
     latents = out.images if hasattr(out, "images") else out[0]
     # Decoding ourselves (what output_type="pt" does) keeps it outside any caller's autocast: an fp32 VAE
     # under fp16 autocast would overflow as SDXL's fp16 VAE does.
-    with torch.no_grad():
-        return PipelineAdapter(pipe).decode(latents)
+    ad = PipelineAdapter(pipe)
+    with torch.no_grad():  # FLUX returns packed tokens: the adapter unpacks them at the requested size
+        return ad.decode(ad.pipeline_latents(latents, settings.get("height"), settings.get("width")))
 
 
 def _rank(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

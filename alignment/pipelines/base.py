@@ -291,6 +291,11 @@ class PipelineAdapter:
         """Sampling-schedule noising of clean `latents` to timestep `t` (DRaFT-LV)."""
         return scheduler.add_noise(latents, noise, t.reshape(1).expand(latents.shape[0]))
 
+    def pipeline_latents(self, latents: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """What the pipeline returns with ``output_type="latent"`` -> (B, C, h, w) latents for `decode`
+        (FLUX unpacks its tokens; image-shaped families return them as they are)."""
+        return latents
+
     # ---- VAE ------------------------------------------------------------------------------------------
 
     def _latent_stats(self, like: torch.Tensor):

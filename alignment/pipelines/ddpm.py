@@ -3,6 +3,8 @@ uniform integer training timesteps, and schedulers rebuilt from the pipeline's c
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .base import PipelineAdapter
@@ -20,7 +22,8 @@ def scheduler_from_config(scheduler_cls, config, **overrides):
     not bounded by 1 and their pipelines never clip, so the pipeline config's value is used and absent
     means False.
     """
-    overrides.setdefault("clip_sample", bool(config.get("clip_sample", False)))
+    if "clip_sample" in inspect.signature(scheduler_cls.__init__).parameters:
+        overrides.setdefault("clip_sample", bool(config.get("clip_sample", False)))
     return scheduler_cls.from_config(config, **overrides)
 
 

@@ -90,6 +90,15 @@ class FluxAdapter(FlowMatchingAdapter):
         )[0]
         return FluxPipeline._unpack_latents(out, h * self.vae_scale, w * self.vae_scale, self.vae_scale)
 
+    def pipeline_latents(self, latents: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """FluxPipeline's ``output_type="latent"`` gives packed (B, hw/4, 4C) tokens: unpack them."""
+        if latents.ndim == 4:
+            return latents
+        from diffusers import FluxPipeline
+
+        height, width = height or self.default_resolution, width or self.default_resolution
+        return FluxPipeline._unpack_latents(latents, height, width, self.vae_scale)
+
     @classmethod
     def tiny_pipeline(cls, seed: int = 0, sample_size: int = 16, prediction_type: str | None = None):
         from ..tiny import tiny_flux_pipeline
