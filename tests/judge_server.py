@@ -1,0 +1,132 @@
+"""Loopback servers for the judge tests: `transformers serve` on the tiny VLM, and a fault-injecting proxy."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TransformersServe:
+    """`transformers serve <model dir>` on 127.0.0.1 in a subprocess (offline), stopped by `close`."""
+
+    def __init__(self, model_dir: Path, startup_timeout: float = 120.0) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.log = open(Path(model_dir) / "serve.log", "w")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir), "--host", "127.0.0.1",
+             "--port", str(self.port), "--device", "cpu"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                urllib.request.urlopen(self.base_url + "/models", timeout=2).read()
+                return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise RuntimeError(f"transformers serve did not start within {startup_timeout:g} s") from None
+                time.sleep(0.3)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+class FaultProxy:
+    """Forwards to `upstream`, except that chat requests first consume `plan`: '500' answers HTTP 500,
+    'sleep' holds the request past the client's timeout, 'malformed' answers 200 with a non-JSON body,
+    'nochoices' answers 200 with JSON lacking `choices`. `delay` is added to every forwarded request;
+    `max_inflight` is the most chat requests seen at once."""
+
+    def __init__(self, upstream: str, plan=(), delay: float = 0.0, sleep: float = 2.0) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.plan = list(plan)
+        self.delay = delay
+        self.sleep = sleep
+        self.lock = threading.Lock()
+        self.inflight = 0
+        self.max_inflight = 0
+        self.chat_calls = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code: int, body: bytes) -> None:
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def _forward(self, body: bytes | None) -> None:
+                req = urllib.request.Request(proxy.upstream + self.path.removeprefix("/v1"), data=body,
+                                             headers={"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(req, timeout=60) as r:
+                        self._send(r.status, r.read())
+                except urllib.error.HTTPError as e:
+                    self._send(e.code, e.read())
+
+            def do_GET(self):
+                self._forward(None)
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with proxy.lock:
+                    proxy.chat_calls += 1
+                    proxy.inflight += 1
+                    proxy.max_inflight = max(proxy.max_inflight, proxy.inflight)
+                    fault = proxy.plan.pop(0) if proxy.plan else None
+                try:
+                    if fault == "500":
+                        self._send(500, b'{"error": "injected"}')
+                    elif fault == "sleep":
+                        time.sleep(proxy.sleep)
+                        self._send(200, b"{}")
+                    elif fault == "malformed":
+                        self._send(200, b"<html>not json")
+                    elif fault == "nochoices":
+                        self._send(200, json.dumps({"object": "error"}).encode())
+                    else:
+                        time.sleep(proxy.delay)
+                        self._forward(body)
+                finally:
+                    with proxy.lock:
+                        proxy.inflight -= 1
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

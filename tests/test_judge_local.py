@@ -1,0 +1,104 @@
+"""The judge end to end on a tiny random LLaVA (saved, loaded back through the local backend)."""
+
+import pytest
+import torch
+
+import reward_plugins as rp
+from reward_plugins.judge import TEMPLATE_TYPES, BackendError, ImageScores, Judge, make_backend
+from reward_plugins.judge.backends.local import LocalBackend
+from reward_plugins.judge.tiny import save_tiny_vlm
+from reward_plugins.rewards.mllm_judge import MLLMJudgeReward
+from reward_plugins.testing import random_images
+
+PROMPTS = {"prompt": "a castle on a hill, artstation, 4k", "annotation": "two red apples on a table"}
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory):
+    return save_tiny_vlm(tmp_path_factory.mktemp("tiny_vlm"))
+
+
+def _request(judge, name, images):
+    if name.startswith("prompt_"):
+        return judge.request(name, PROMPTS["prompt"])
+    if name.startswith("captioning_"):
+        return judge.request(name, images=images[0])
+    return judge.request(name, PROMPTS["annotation"], list(images))
+
+
+def test_every_template_end_to_end(vlm_dir):
+    images = random_images(3, 40, 48)
+    judge = Judge(make_backend("local", model=str(vlm_dir), constrained=True), max_retries=1, max_new_tokens=150)
+    assert type(judge.backend.model).__name__ == "LlavaForConditionalGeneration"
+    reqs = [_request(judge, name, images) for name in TEMPLATE_TYPES]
+    outs = judge.run(reqs)
+    assert [o.template for o in outs] == list(TEMPLATE_TYPES)
+    for o in outs:
+        assert o.prompt_tokens > 0 and o.completion_tokens > 0 and o.raw
+        if o.template.startswith("annotation_"):
+            # Constrained to the format: the random model's digits, always readable.
+            assert o.ok and o.attempts == 1, o.error
+            assert isinstance(o.result, ImageScores) and len(o.result.scores) == 3
+            assert all(0 <= s <= 100 for s in o.result.scores)
+        else:
+            # A random model's free text is noise: bounded retries, then a recorded failure with the raw text.
+            assert not o.ok and o.attempts == 2 and len(o.raw) == 2
+            assert o.error.startswith("unparseable answer") and o.result is None
+
+
+def test_batched_equals_one_at_a_time(vlm_dir):
+    images = random_images(4, 32, 32, seed=3)
+    batched = LocalBackend(str(vlm_dir), batch_size=4, constrained=True)
+    single = LocalBackend(str(vlm_dir), batch_size=1, constrained=True)
+    judge = Judge(batched, max_retries=0)
+    reqs = [judge.request("annotation_aesthetic", p, list(images[: i + 1]))
+            for i, p in enumerate(["a cat", "a red car on a street", "a bowl of soup", "snowy mountains at dawn"])]
+    a = batched.generate(reqs, 150)
+    b = single.generate(reqs, 150)
+    assert [c.text for c in a] == [c.text for c in b]
+    assert [c.completion_tokens for c in a] == [c.completion_tokens for c in b]
+
+
+def test_too_many_images_for_the_backend(vlm_dir):
+    judge = Judge(LocalBackend(str(vlm_dir), max_images=2))
+    with pytest.raises(ValueError, match="has 3 images but backend local:.* accepts at most 2"):
+        judge.request("annotation_alignment", "a cat", list(random_images(3, 16, 16)))
+    with pytest.raises(ValueError, match="max_images_per_request=4 is more than backend"):
+        MLLMJudgeReward(judge, max_images_per_request=4)
+
+
+def test_unknown_backend_and_missing_vllm():
+    with pytest.raises(ValueError, match="Did you mean 'http'"):
+        make_backend("htp", base_url="http://x")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendError, match="needs the vllm package"):
+            make_backend("vllm", model="some/model")
+
+
+def test_reward_listwise_and_per_image():
+    reward = rp.create_reward("mllm-judge-tiny", max_images_per_request=2)
+    assert not reward.is_differentiable and reward.dimensions == ("alignment", "aesthetic", "fidelity")
+    images = random_images(5, 32, 32, seed=4)
+    prompts = ["a cat", "a dog", "a cat", "a cat", "a dog"]
+    out = reward.score(images, prompts)
+    assert torch.isfinite(out.scores).all() and set(out.per_dim) == {"alignment", "aesthetic", "fidelity"}
+    # List-wise: cat images (0, 2, 3) split 2 + 1, dog images (1, 4) together: 3 requests per dimension.
+    assert reward.cost.requests == 9 and reward.cost.failures == 0
+    one = rp.create_reward("mllm-judge-tiny:fidelity", dimensions=["fidelity"], listwise=False)
+    assert one.dimensions == ("fidelity",)
+    o = one.score(images, prompts)
+    assert one.cost.requests == 5 and tuple(o.per_dim) == ("fidelity",)
+    torch.testing.assert_close(o.scores, o.per_dim["fidelity"])
+
+
+def test_reward_failure_is_raised_or_nan_never_zero(vlm_dir):
+    # Unconstrained random text never parses.
+    judge = Judge(LocalBackend(str(vlm_dir)), max_retries=1, max_new_tokens=8)
+    images = random_images(2, 32, 32)
+    with pytest.raises(RuntimeError, match="could not score 1 request.*after 2 attempt"):
+        MLLMJudgeReward(judge, ["aesthetic"])(images, ["a cat", "a cat"])
+    reward = MLLMJudgeReward(judge, ["aesthetic"], on_failure="nan")
+    out = reward(images, ["a cat", "a cat"])
+    assert torch.isnan(out.scores).all() and len(reward.failures) == 1 and reward.failures[0].raw
