@@ -51,3 +51,11 @@ def test_eval_reward_errors_are_one_line(tmp_path, capsys):
     assert "\n" not in err
     assert main(["eval-reward", "--reward", "aesthetic-tiny", "--dataset", str(bad), "--option", "nodot"]) == 1
     assert "NAME.KEY=VALUE" in capsys.readouterr().err
+
+
+def test_decode_workers_benchmark_runs(capsys):
+    from examples.benchmarks import eval_decode_workers
+
+    out = eval_decode_workers.main(["--pairs", "3", "--size", "32", "--workers", "1", "--batch", "2"])
+    assert set(out["rates"]) == {0, 1} and all(r > 0 for r in out["rates"].values()) and out["ratio"] > 0
+    assert "ratio 1 workers / 0" in capsys.readouterr().out
