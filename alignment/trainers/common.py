@@ -306,7 +306,10 @@ def export_lora(pipe_or_family, unet: torch.nn.Module, out_dir: str | os.PathLik
     """Write the UNet's LoRA as ``out_dir/pytorch_lora_weights.safetensors`` for `pipe.load_lora_weights(out_dir)`.
 
     peft's state dict is converted to diffusers' key format and written by the pipeline class's own
-    `save_lora_weights`, with the adapter config as metadata so that alpha != rank loads with the right scale.
+    `save_lora_weights`, with the adapter config as metadata. The LoRA scale alpha/rank is baked into the
+    saved up-projections (B·(alpha/r)) and the metadata says alpha = rank: loaders that ignore the metadata
+    (`lora_state_dict` + `load_lora_into_unet`, `unet.load_lora_adapter(file)`) use scale 1, loaders that read
+    it get 1 as well, so every loader rebuilds the trained model. The trained adapter itself is untouched.
 
     Example:
         >>> path = export_lora(pipe, pipe.unet, "out/lora")
@@ -322,12 +325,20 @@ def export_lora(pipe_or_family, unet: torch.nn.Module, out_dir: str | os.PathLik
             "(full fine-tuning saves the UNet with unet.save_pretrained instead)."
         )
     cls = _pipeline_class(pipe_or_family)
+    config = inner.peft_config[adapter_name]
+    if config.rank_pattern or config.alpha_pattern:
+        raise ValueError("export_lora bakes one LoRA scale into the weights; adapters with per-module "
+                         "rank_pattern/alpha_pattern are not supported (add_lora never makes them).")
+    scale = config.lora_alpha / (config.r ** 0.5 if config.use_rslora else config.r)
     state = get_peft_model_state_dict(inner, adapter_name=adapter_name)
-    state = convert_state_dict_to_diffusers({k: v.detach().float().cpu().contiguous() for k, v in state.items()})
+    state = {k: (v.detach().float() * scale if "lora_B" in k else v.detach().float()).cpu().contiguous()
+             for k, v in state.items()}
+    state = convert_state_dict_to_diffusers(state)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metadata = inner.peft_config[adapter_name].to_dict()
+    metadata = config.to_dict()
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
+    metadata.update(lora_alpha=config.r, use_rslora=False)  # the scale now lives in the weights
     cls.save_lora_weights(out, unet_lora_layers=state, weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=metadata)
     return out / LORA_WEIGHT_NAME
 
