@@ -102,8 +102,9 @@ class Judge:
     ) -> None:
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be an int >= 0; got {max_retries!r}.")
-        self.backend = make_backend(backend, **(backend_options or {}))
+        # Templates first: a bad template option should fail before a model is loaded.
         self.templates = load_templates(templates, faithful=faithful)
+        self.backend = make_backend(backend, **(backend_options or {}))
         self.max_retries = max_retries
         self.retry_temperature = float(retry_temperature)
         self.max_new_tokens = max_new_tokens

@@ -272,7 +272,7 @@ def load_templates(templates: str | Path | TemplateSet | None = None, *, faithfu
         raise ValueError(
             f"templates={str(templates)!r} is an official LePref file: choose faithful=True (reproduce its "
             "behaviour exactly, quirks included) or faithful=False (fill in the image count and ask each dimension "
-            "for its own key). See reward_plugins.judge.official."
+            "for its own key); on the command line --faithful or --corrected. See reward_plugins.judge.official."
         )
     from .official import official_templates
 
