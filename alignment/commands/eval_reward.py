@@ -4,6 +4,7 @@ calibration statistics and bias probes on request. Writes JSON, markdown tables 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -95,7 +96,8 @@ def register(sub) -> None:
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=4, help="image decoding worker processes (0: decode in the main process)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="image decoding worker processes (default min(4, CPUs); 0: decode in the main process)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
     p.add_argument("--option", action="append", default=[], help="reward option NAME.KEY=VALUE, e.g. pickscore.checkpoint=DIR")
