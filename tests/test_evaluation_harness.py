@@ -216,3 +216,18 @@ def test_limit_keeps_the_first_prompts(tmp_path):
     res = run(path, limit=2, rules=("exclude",))
     assert res.dataset["pairs"] == 2 and res.get("channels:red", "exclude").value == 0.5
     assert torch.isfinite(torch.tensor(res.get("channels:red").value))
+
+
+def test_tie_threshold_tuned_on_validation_like_pickscore(tmp_path):
+    from alignment.evaluation.harness import evaluate_set, load_rewards, tune_tie_thresholds
+
+    # Clear wins with big gaps, human ties with small ones: 0.1 on probabilities calls the ties and not
+    # the wins (0 misses the ties; 0.5 and above swallow the wins too).
+    val = load_preference_set(write_pickapic(tmp_path / "val.parquet", rows=[(250, 5, 1.0), (5, 250, 0.0), (100, 110, 0.5), (120, 118, 0.5)]))
+    rewards = load_rewards(["channels:red"], models={"channels": ChannelReward()})
+    thresholds = tune_tie_thresholds(val, rewards, ["channels:red"], progress=False)
+    assert thresholds == {"channels:red": 0.1}
+    res = evaluate_set(val, rewards, ["channels:red"], rules=(), tie_threshold=thresholds, bootstrap=0, progress=False)
+    acc = res.get("channels:red")
+    assert acc.rule == "pickscore" and acc.tie_threshold == 0.1 and acc.value == 1.0
+    assert evaluate_set(val, rewards, ["channels:red"], rules=(), bootstrap=0, progress=False).get("channels:red").value == 0.75

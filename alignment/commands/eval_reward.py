@@ -37,6 +37,13 @@ def run(args: argparse.Namespace) -> int:
     for ds in args.dataset:
         pset = loaders.load_preference_set(ds, args.layout, args.images)
         sets.append(pset.limit(args.limit) if args.limit else pset)
+    thresholds = args.tie_threshold
+    if args.tune_ties_on:
+        val = loaders.load_preference_set(args.tune_ties_on, args.layout, args.images)
+        thresholds = harness.tune_tie_thresholds(val, rewards, args.reward, batch_size=args.batch_size,
+                                                 workers=args.workers, progress=not args.no_progress)
+        print("tie thresholds (softmax probability) tuned on " + args.tune_ties_on + ": "
+              + ", ".join(f"{k} {v:g}" for k, v in thresholds.items()))
     results = []
     for pset in sets:
         if not len(pset.pairs):
@@ -47,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{pset.name}: {pset.layout}, {len(pset.groups)} prompts, {len(pset.images)} images, "
               f"{len(pset.pairs)} pairs, official protocol {pset.protocol}")
         res = harness.evaluate_set(
-            pset, rewards, args.reward, rules, args.tie_threshold, args.tie_space, args.bootstrap, args.confidence,
+            pset, rewards, args.reward, rules, thresholds, args.tie_space, args.bootstrap, args.confidence,
             args.seed, args.batch_size, args.workers, not args.no_progress, args.strict,
         )
         for what, items in (("missing", res.missing_images), ("unreadable", list(res.unreadable_images))):
@@ -60,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         md = ["# Pairwise accuracy", "", "Official protocol of each set, beside LeScore's published table:", "",
               lescore_table(results, multi), "", "Every rule (human ties excluded / counted as half / a 3-way "
               "prediction; a reward tie when |score difference| <= "
-              f"{args.tie_threshold:g} on {args.tie_space}s):", "", accuracy_table(results), ""]
+              + (f"the threshold tuned per reward on {args.tune_ties_on}: {thresholds}" if args.tune_ties_on
+                 else f"{args.tie_threshold:g} on {args.tie_space}s") + "):", "", accuracy_table(results), ""]
         (out / "accuracy.md").write_text("\n".join(md))
         accuracy_charts(results, out)
         print(lescore_table(results, multi, include_published=False))
@@ -92,6 +100,8 @@ def register(sub) -> None:
                    help="tie rule(s) to report (default: exclude, half, predict); the set's official protocol is always added")
     p.add_argument("--tie-threshold", type=float, default=0.0, help="a reward tie when |difference| <= this (default 0)")
     p.add_argument("--tie-space", choices=("score", "prob"), default="score", help="difference of scores or of softmax probabilities")
+    p.add_argument("--tune-ties-on", help="a validation set (e.g. Pick-a-Pic validation_unique): per reward, the softmax tie "
+                                          "threshold (0, 0.1, ..., 1) with the best PickScore-protocol accuracy, as PickScore does")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of prompts for the CI (0: none)")
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)

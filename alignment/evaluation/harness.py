@@ -13,7 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .accuracy import PROTOCOLS, RULES, Accuracy, check_rule, pairwise_accuracy
+import torch
+
+from .accuracy import PROTOCOLS, RULES, Accuracy, best_tie_threshold, check_rule, pairwise_accuracy
 from .data import PreferenceSet
 from .loaders import load_preference_set
 from .scoring import LoadedReward, ScoringStats, load_reward, score_images, selected_scores
@@ -118,7 +120,8 @@ def check_prompts(pset: PreferenceSet, rewards: Mapping[str, LoadedReward]) -> N
 
 def evaluate_set(
     pset: PreferenceSet, rewards: Mapping[str, LoadedReward], specs: Sequence[str],
-    rules: Sequence[str] = RULES, tie_threshold: float = 0.0, tie_space: str = "score", bootstrap: int = 1000,
+    rules: Sequence[str] = RULES, tie_threshold: float | Mapping[str, float] = 0.0, tie_space: str = "score",
+    bootstrap: int = 1000,
     confidence: float = 0.95, seed: int = 0, batch_size: int = 16, workers: int = 0, progress: bool = True,
     strict: bool = False,
 ) -> EvalResult:
@@ -130,6 +133,8 @@ def evaluate_set(
         rewards: {base name: LoadedReward} covering every spec's base.
         specs: ``NAME`` or ``NAME:DIMENSION`` per measured reward.
         rules: tie rules to report (`accuracy.RULES` or protocol names); the official protocol is added.
+        tie_threshold: a reward tie when |difference| <= this; one number, or one per spec (e.g. from
+            `tune_tie_thresholds` on a validation split, as PickScore's evaluation does).
         strict: a missing or unreadable image raises instead of being counted and left out.
     """
     for r in rules:
@@ -173,7 +178,8 @@ def evaluate_set(
             for rule in all_rules:
                 acc = None
                 if not skipped:
-                    acc = pairwise_accuracy(first, second, pset.labels[dim], groups, rule, tie_threshold,
+                    thr = tie_threshold.get(spec, 0.0) if isinstance(tie_threshold, Mapping) else tie_threshold
+                    acc = pairwise_accuracy(first, second, pset.labels[dim], groups, rule, thr,
                                             tie_space, bootstrap, confidence, seed)
                 rows.append(AccuracyRow(spec, dim, rdim, rule, rule == official, acc, skipped))
     return EvalResult(
@@ -181,6 +187,26 @@ def evaluate_set(
         missing_images=[pset.images[i].name for i in missing_used],
         unreadable_images={pset.images[i].name: e for i, e in stats.failed.items()},
     )
+
+
+def tune_tie_thresholds(
+    validation: PreferenceSet, rewards: Mapping[str, LoadedReward], specs: Sequence[str],
+    thresholds: Sequence[float] = tuple(i / 10 for i in range(11)), **score_kwargs: Any,
+) -> dict[str, float]:
+    """PickScore's protocol: per spec, the softmax-probability tie threshold with the best ``pickscore``
+    accuracy on a validation set (its first dimension), from 0, 0.1, ..., 1."""
+    check_prompts(validation, rewards)
+    prompts = [validation.prompt_of(i) for i in range(len(validation.images))]
+    score_images(rewards, validation.images, prompts, validation.used_images(), **score_kwargs)
+    out = {}
+    for spec in specs:
+        base, dim = parse_spec(spec)
+        r = rewards[base]
+        a = selected_scores(r, validation.images, prompts, validation.pairs[:, 0].tolist(), dim)
+        b = selected_scores(r, validation.images, prompts, validation.pairs[:, 1].tolist(), dim)
+        keep = torch.isfinite(a) & torch.isfinite(b)
+        out[spec], _ = best_tie_threshold(a[keep], b[keep], validation.labels[validation.dimensions[0]][keep], thresholds)
+    return out
 
 
 def load_rewards(specs: Sequence[str], cache_dir: str | os.PathLike | None = None, device: Any = None,
@@ -215,4 +241,4 @@ def evaluate(
 
 
 __all__ = ["AccuracyRow", "EvalResult", "evaluate", "evaluate_set", "load_rewards", "reward_dimension",
-           "DIMENSION_ALIASES", "PROTOCOLS"]
+           "DIMENSION_ALIASES", "PROTOCOLS", "tune_tie_thresholds"]
