@@ -217,10 +217,10 @@ def test_mixed_resolutions(tmp_path):
 
 
 def test_sdxl_micro_conditioning_per_image(tmp_path, monkeypatch):
-    """SDXL time ids carry each image's original size and crop, as diffusers' SDXL DPO script does."""
+    """With data.micro_conditioning=image, SDXL time ids carry each image's own original size and crop."""
     data = _write(tmp_path / "p.parquet", caption=["a"], jpg_0=[_png((48, 40))], jpg_1=[_png((32, 64))], label_0=[0.0])
-    trainer = DPOTrainer(cfg_for(data, "data.resize=true", "model.tiny=sdxl", "train.batch_size=1", "train.max_steps=1"),
-                         output_dir=tmp_path / "run")
+    trainer = DPOTrainer(cfg_for(data, "data.resize=true", "model.tiny=sdxl", "train.batch_size=1", "train.max_steps=1",
+                                 "data.micro_conditioning=image"), output_dir=tmp_path / "run")
     batch = next(trainer._batches(trainer._dataset(trainer.source, trainer.index), 0))
     # label 0 -> image 1 wins: winner 32x64 (w x h) resized to 32x64, crop top 16; loser 48x40 -> 38x32, left 3
     assert batch["micro_w"].tolist() == [[64.0, 32.0, 16.0, 0.0]]

@@ -59,7 +59,9 @@ from alignment.trainers.common import (
 )
 from alignment.trainers.dpo_data import (  # noqa: F401  (re-exported: the data API of the DPO trainer)
     IMAGE_COLUMNS,
+    MICRO_MODES,
     PAIR_COLUMNS,
+    RESIZE_FILTERS,
     PairDataset,
     PairIndex,
     PairSampler,
@@ -71,6 +73,7 @@ from alignment.trainers.dpo_data import (  # noqa: F401  (re-exported: the data 
 )
 
 VALIDATE_MODES = ("header", "full", "none")
+HFLIP_MODES = ("none", "image", "pair")
 
 
 # Drawn into <output_dir>/curves.png (and the validation reward into val_reward.png) at the end of training.
@@ -93,6 +96,19 @@ class DataSection:
         ties: ``"skip"`` pairs with label_0 == 0.5, or ``"error"`` on them.
         resize: resize (shorter side) and centre-crop every image to the training resolution; without
             it all images must already have one size (mixed sizes are an error).
+        resize_filter: ``"bilinear"``: the official scripts' torchvision ``Resize(res)`` (bilinear) and
+            ``CenterCrop(res)`` (offsets rounded); ``"bicubic"``: bicubic with floored offsets (this library's
+            earlier default, kept so older runs resume alike).
+        caption_dropout: the probability of training a pair on the empty caption (classifier-free guidance's
+            unconditional branch): the official scripts' ``proportion_empty_prompts``, 0.2 in both
+            DiffusionDPO and diffusers' examples; 0 disables. Seeded per micro-batch (exact resume).
+        hflip: random horizontal flips, p = ½: ``"image"`` flips each image on its own (the official
+            DiffusionDPO code, which transforms jpg_0 and jpg_1 separately), ``"pair"`` flips winner and
+            loser together (diffusers' SDXL DPO script), ``"none"`` never.
+        micro_conditioning: SDXL's (original size, crop) conditioning: ``"pair"`` gives both images jpg_0's
+            (diffusers' SDXL DPO script), ``"constant"`` gives every image (res, res, 0, 0) (the official
+            DiffusionDPO code), ``"image"`` gives each image its own, which lets the model tell winner from
+            loser by size when pairs differ in size, a shortcut that does nothing at inference.
         validate: ``"header"`` reads every image header up front (size, format) before training starts,
             ``"full"`` decodes every image, ``"none"`` checks lazily (huge datasets).
         max_pairs: use only the first n usable pairs.
@@ -108,6 +124,10 @@ class DataSection:
     validate: str = "header"
     max_pairs: int | None = count(None)
     synthetic_pairs: int = count(0, minimum=0)
+    resize_filter: str = "bicubic"
+    caption_dropout: float = 0.0
+    hflip: str = "none"
+    micro_conditioning: str = "pair"
 
 
 @dataclass
@@ -208,6 +228,14 @@ def check_config(cfg: DPOConfig, need_pipeline: bool = True) -> None:
         raise ValueError(f"data.ties must be 'skip' or 'error'; got {cfg.data.ties!r}.")
     if cfg.data.validate not in VALIDATE_MODES:
         raise ValueError(f"data.validate must be one of {VALIDATE_MODES}; got {cfg.data.validate!r}.")
+    if cfg.data.micro_conditioning not in MICRO_MODES:
+        raise ValueError(f"data.micro_conditioning must be one of {MICRO_MODES}; got {cfg.data.micro_conditioning!r}.")
+    if cfg.data.resize_filter not in RESIZE_FILTERS:
+        raise ValueError(f"data.resize_filter must be one of {RESIZE_FILTERS}; got {cfg.data.resize_filter!r}.")
+    if cfg.data.hflip not in HFLIP_MODES:
+        raise ValueError(f"data.hflip must be one of {HFLIP_MODES} (a string, not true/false); got {cfg.data.hflip!r}.")
+    if not 0 <= cfg.data.caption_dropout < 1:
+        raise ValueError(f"data.caption_dropout must be in [0, 1) (the official recipes use 0.2); got {cfg.data.caption_dropout}.")
     if cfg.online.enabled:
         if cfg.online.steps_per_round < 1 or cfg.online.images_per_prompt < 2:
             raise ValueError(
@@ -362,7 +390,8 @@ class DPOTrainer:
         return res
 
     def _dataset(self, source: PairSource, index: PairIndex) -> PairDataset:
-        return PairDataset(source, index, self.resolution, self.cfg.data.resize)
+        d = self.cfg.data
+        return PairDataset(source, index, self.resolution, d.resize, d.micro_conditioning, d.resize_filter)
 
     def _loader(self, dataset: PairDataset):
         train = self.cfg.train
@@ -396,8 +425,35 @@ class DPOTrainer:
 
     # -- the step ------------------------------------------------------------------------------------
 
-    def pair_losses(self, batch: dict, generator: torch.Generator, model=None) -> tuple[torch.Tensor, dict]:
-        """The DPO loss and metrics for one micro-batch of pairs (gradients reach the trained weights)."""
+    def augment(self, batch: dict, generator: torch.Generator) -> dict:
+        """Caption dropout and horizontal flips of a micro-batch as `data.caption_dropout` / `data.hflip` say.
+
+        Draws from `generator` only when one is on, so runs without them see the same noise as before.
+        """
+        d = self.cfg.data
+        if not d.caption_dropout and d.hflip == "none":
+            return batch
+        g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        b = len(batch["caption"])
+        out = dict(batch)
+        if d.caption_dropout:
+            drop = (torch.rand(b, generator=g) < d.caption_dropout).tolist()
+            out["caption"] = ["" if x else c for x, c in zip(drop, batch["caption"])]
+        if d.hflip != "none":
+            flip_w = torch.rand(b, generator=g) < 0.5
+            flip_l = flip_w if d.hflip == "pair" else torch.rand(b, generator=g) < 0.5
+            for key, flip in (("pixel_w", flip_w), ("pixel_l", flip_l)):
+                x = batch[key]
+                out[key] = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
+        return out
+
+    def pair_losses(self, batch: dict, generator: torch.Generator, model=None, augment: bool = True) -> tuple[torch.Tensor, dict]:
+        """The DPO loss and metrics for one micro-batch of pairs (gradients reach the trained weights).
+
+        `augment` applies `augment` (caption dropout, flips) first; `evaluate` turns it off.
+        """
+        if augment:
+            batch = self.augment(batch, generator)
         ad, dev = self.adapter, self.accelerator.device
         model = model if model is not None else self.model
         pix = torch.cat([batch["pixel_w"], batch["pixel_l"]]).to(dev)
@@ -445,7 +501,7 @@ class DPOTrainer:
         for _ in range(num_batches):
             idx = torch.randint(0, len(dataset), (bs,), generator=g).tolist()
             batch = collate_pairs([dataset[i] for i in idx])
-            loss, m = self.pair_losses(batch, g, model=inner)
+            loss, m = self.pair_losses(batch, g, model=inner, augment=False)
             for name, v in {"loss": loss, **m}.items():
                 sums[name] = sums.get(name, 0.0) + float(v)
         return {k: v / num_batches for k, v in sums.items()}

@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 
 PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 IMAGE_COLUMNS = ("jpg_0", "jpg_1")
+# SDXL micro-conditioning of a pair: "pair" = both images get jpg_0's original size and crop (diffusers' SDXL DPO
+# script), "constant" = (res, res, 0, 0) for every image (the official DiffusionDPO code), "image" = each its own.
+MICRO_MODES = ("pair", "constant", "image")
+# data.resize: "bilinear" = torchvision's Resize(res, BILINEAR) + CenterCrop(res) of the official scripts (long
+# side truncated, crop offset rounded); "bicubic" = bicubic, long side rounded, crop offset floored.
+RESIZE_FILTERS = ("bicubic", "bilinear")
 
 
 def _encode_png(array) -> bytes:
@@ -259,8 +265,14 @@ def index_pairs(source: PairSource, data: DataSection) -> PairIndex:
 class PairDataset(torch.utils.data.Dataset):
     """(winner, loser, caption) tensors in [0, 1], (3, R, R), for the rows of a `PairIndex`."""
 
-    def __init__(self, source: PairSource, index: PairIndex, resolution: int, resize: bool) -> None:
+    def __init__(self, source: PairSource, index: PairIndex, resolution: int, resize: bool, micro: str = "pair",
+                 resize_filter: str = "bicubic") -> None:
+        if micro not in MICRO_MODES:
+            raise ValueError(f"micro must be one of {MICRO_MODES}; got {micro!r}.")
+        if resize_filter not in RESIZE_FILTERS:
+            raise ValueError(f"resize_filter must be one of {RESIZE_FILTERS}; got {resize_filter!r}.")
         self.source, self.index, self.resolution, self.resize = source, index, resolution, resize
+        self.micro, self.resize_filter = micro, resize_filter
 
     def __len__(self) -> int:
         return len(self.index.rows)
@@ -276,7 +288,16 @@ class PairDataset(torch.utils.data.Dataset):
         r = self.resolution
         top = left = 0
         original = (img.size[1], img.size[0])
-        if self.resize:
+        if self.resize and self.resize_filter == "bilinear":
+            w, h = img.size
+            # torchvision's Resize(r): the shorter side becomes r, the longer int(r * long / short); for PIL
+            # images it calls PIL's bilinear resize, as here. CenterCrop(r) rounds the offsets.
+            size = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
+            if size != img.size:
+                img = img.resize(size, Image.BILINEAR)
+            left, top = int(round((img.size[0] - r) / 2.0)), int(round((img.size[1] - r) / 2.0))
+            img = img.crop((left, top, left + r, top + r))
+        elif self.resize:
             scale = r / min(img.size)
             img = img.resize((max(r, round(img.size[0] * scale)), max(r, round(img.size[1] * scale))), Image.BICUBIC)
             left, top = (img.size[0] - r) // 2, (img.size[1] - r) // 2
@@ -292,7 +313,12 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict:
         row, win, lose = self.index.rows[k]
         (pw, cw), (pl, cl) = self._image(row, win), self._image(row, lose)
-        return {"pixel_w": pw, "pixel_l": pl, "micro_w": cw, "micro_l": cl, "caption": self.source.captions[row]}
+        if self.micro == "pair":  # one conditioning per pair, jpg_0's: no size shortcut between winner and loser
+            cw = cl = cw if win == "jpg_0" else cl
+        elif self.micro == "constant":
+            r = float(self.resolution)
+            cw = cl = torch.tensor([r, r, 0.0, 0.0])
+        return {"pixel_w": pw, "pixel_l": pl, "micro_w": cw, "micro_l": cl.clone(), "caption": self.source.captions[row]}
 
 
 def collate_pairs(items: list[dict]) -> dict:
