@@ -20,10 +20,12 @@ from .harness import EvalResult, evaluate, evaluate_set, load_rewards
 from .loaders import LAYOUTS, detect_layout, load_preference_set
 from .oracle import oracle_agreement, oracle_preference_set
 from .probes import EDITS, run_probes
+from .toyworld import toyworld_agreement, toyworld_preference_set
 
 __all__ = [
     "PROTOCOLS", "RULES", "Accuracy", "best_tie_threshold", "pair_credit", "pairwise_accuracy", "ScoreCache",
     "reward_fingerprint", "calibration_stats", "distribution_stats", "save_calibration", "ImageRef",
     "PreferenceSet", "rank_list_pairs", "EvalResult", "evaluate", "evaluate_set", "load_rewards", "LAYOUTS",
     "detect_layout", "load_preference_set", "oracle_agreement", "oracle_preference_set", "EDITS", "run_probes",
+    "toyworld_agreement", "toyworld_preference_set",
 ]

@@ -45,6 +45,8 @@ HUB = {
     "imagereward": ("THUDM/ImageRewardDB", "test"),
     "hpdv2": ("ymhao/HPDv2", "test.json"),
 }
+# Names that build a set from the toy world (alignment/toyworld) instead of reading a file.
+TOYWORLD = {"toyworld": "pipeline", "toyworld-render": "render"}
 PROTOCOL = {"pickapic": "pickscore", "hpdv2": "hpsv2", "imagereward": "imagereward", "mhp": "exclude", "pairs": "exclude"}
 PAIRS_FORMAT = "reward-plugins/pairs"
 DIM = "overall"
@@ -408,8 +410,9 @@ LOADERS = {
 def load_preference_set(
     dataset: str | os.PathLike, layout: str | None = None, image_root: str | os.PathLike | None = None,
 ) -> PreferenceSet:
-    """Read a preference set: a local path (layout detected unless given) or a hub name
-    (``pickapic``, ``hpdv2``, ``imagereward``).
+    """Read a preference set: a local path (layout detected unless given), a hub name (``pickapic``,
+    ``hpdv2``, ``imagereward``), or ``toyworld`` / ``toyworld-render`` (toy-world images labelled by its
+    exact oracle, see `evaluation.toyworld`).
 
     Example:
         >>> ps = load_preference_set("hpdv2/test.json")
@@ -418,6 +421,11 @@ def load_preference_set(
     if layout is not None and layout not in LOADERS:
         raise ValueError(f"unknown layout {layout!r}; known layouts: {', '.join(LAYOUTS)}.")
     path = Path(dataset)
+    if not path.exists() and str(dataset) in TOYWORLD:
+        # The toy world's held-out prompts, every within-prompt pair labelled by its exact oracle.
+        from .toyworld import toyworld_preference_set
+
+        return toyworld_preference_set(source=TOYWORLD[str(dataset)])
     if not path.exists() and str(dataset) in HUB:
         return load_from_hub(str(dataset), image_root)
     layout = layout or detect_layout(path)

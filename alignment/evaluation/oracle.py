@@ -90,17 +90,23 @@ def oracle_preference_set(
 
 
 def oracle_agreement(
-    learned: str | Any, oracle: str | Any, images: torch.Tensor | Sequence[torch.Tensor], prompts: Sequence[str],
-    *, dimensions: Sequence[str] | None = None, margin: float = 0.0, rules: Sequence[str] = RULES,
+    learned: str | Any, oracle: str | Any | PreferenceSet, images: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    prompts: Sequence[str] | None = None, *, dimensions: Sequence[str] | None = None, margin: float = 0.0, rules: Sequence[str] = RULES,
     cache_dir: str | os.PathLike | None = None, learned_options: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> EvalResult:
     """The harness's accuracy of `learned` against the preferences of `oracle` on `images`.
 
-    `learned` may be a spec (``NAME[:DIM]``) or a reward object (measured under its name). Other keyword
-    arguments go to `evaluate_set` (bootstrap, batch_size, workers, ...).
+    `learned` may be a spec (``NAME[:DIM]``) or a reward object (measured under its name); `oracle` a
+    reward, a registered name, or an already labelled `PreferenceSet`. Other keyword arguments go to
+    `evaluate_set` (bootstrap, batch_size, workers, ...).
     """
-    pset = oracle_preference_set(images, prompts, oracle, dimensions=dimensions, margin=margin)
+    if isinstance(oracle, PreferenceSet):  # already labelled (e.g. by `toyworld_preference_set`)
+        pset = oracle
+    else:
+        if images is None or prompts is None:
+            raise ValueError("oracle_agreement needs images and prompts (or a labelled PreferenceSet as oracle).")
+        pset = oracle_preference_set(images, prompts, oracle, dimensions=dimensions, margin=margin)
     if isinstance(learned, str):
         spec = learned
         loaded = load_rewards([spec], cache_dir, options={parse_spec(spec)[0]: dict(learned_options or {})})
