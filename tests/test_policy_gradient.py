@@ -177,3 +177,21 @@ def test_window_of_steps_with_ode_outside_and_kl(tmp_path):
     stats = trainer.train_on(ro, adv, valid, 1)
     assert stats["kl"] == 0.0  # before the first update the policy is the reference
     assert stats["policy/ratio_dev_first"] == 0.0
+
+
+@pytest.mark.parametrize("family,kind", [("sd3", "sde"), ("sd3", "cps"), ("flux", "sde")])
+def test_grpo_on_tiny_flow_pipelines(family, kind, tmp_path):
+    from alignment.tiny import tiny_pipeline
+
+    cfg = _cfg("method.name=grpo", f"sampling.flow_kind={kind}", "sampling.num_steps=3", "train.max_steps=1",
+               "method.kl_weight=0.04", "method.global_std=true", "sampling.guidance_scale=3.0")
+    trainer = PolicyGradientTrainer(cfg, reward=CenterBright(), output_dir=str(tmp_path), pipe=tiny_pipeline(family))
+    assert trainer.adapter.is_flow
+    # CPS's last step (σ' = 0) is deterministic and never trained
+    assert trainer.has_noise.tolist() == ([True, True, False] if kind == "cps" else [True, True, True])
+    summary = trainer.train()
+    row = summary["last"]
+    assert row["policy/ratio_dev_first"] == 0.0 and math.isfinite(row["loss"]) and row["kl"] >= 0
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    with pytest.raises(ValueError, match="use method.name=grpo"):
+        PolicyGradientTrainer(_cfg(), reward=CenterBright(), output_dir=str(tmp_path), pipe=tiny_pipeline(family))
