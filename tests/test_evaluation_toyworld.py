@@ -53,3 +53,18 @@ def test_learned_clip_accuracy_against_the_oracle_is_reported_by_the_cli(tmp_pat
     assert "toyworld-render (overall)" in (out / "accuracy.md").read_text()
     if learned == "toyworld-clip":  # the trained reward is better than chance against the oracle
         assert got[("overall", "exclude")] > 0.6
+
+
+def test_pipeline_source_samples_each_held_out_prompt():
+    # The shipped toy pipeline's path, on a random tiny SD pipeline (plumbing: its images are noise).
+    from alignment.tiny import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pset = toyworld_preference_set(source="pipeline", pipeline=pipe, steps=2, num_prompts=2, images_per_prompt=3)
+    assert len(pset.groups) == 2 and len(pset.images) == 6 and len(pset.pairs) == 2 * 3
+    assert tuple(pset.labels) == DIMS and pset.name == "toyworld-pipeline"
+    with pytest.raises(ValueError, match="images_per_prompt must be >= 2"):
+        toyworld_preference_set(source="render", images_per_prompt=1)
+    with pytest.raises(ValueError, match="source must be one of"):
+        toyworld_preference_set(source="camera")
