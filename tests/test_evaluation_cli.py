@@ -59,3 +59,10 @@ def test_decode_workers_benchmark_runs(capsys):
     out = eval_decode_workers.main(["--pairs", "3", "--size", "32", "--workers", "1", "--batch", "2"])
     assert set(out["rates"]) == {0, 1} and all(r > 0 for r in out["rates"].values()) and out["ratio"] > 0
     assert "ratio 1 workers / 0" in capsys.readouterr().out
+
+
+def test_results_json_is_strict(tmp_path):
+    from alignment.evaluation.report import write_json
+
+    p = write_json({"acc": float("nan"), "rows": [{"v": float("inf"), "ok": 0.5}]}, tmp_path / "r.json")
+    assert json.loads(p.read_text()) == {"acc": None, "rows": [{"v": None, "ok": 0.5}]}

@@ -155,8 +155,19 @@ def probe_charts(result: ProbeResult, out_dir: str | os.PathLike) -> list[Path]:
     return paths
 
 
+def _clean(obj):
+    """NaN / inf -> None, so the file is strict JSON (an accuracy with no counted pair is NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
 def write_json(obj: Mapping, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    path.write_text(json.dumps(_clean(obj), indent=2, allow_nan=False, default=float) + "\n")
     return path
