@@ -27,6 +27,14 @@ from .limits import ServeLimits
 ScoreFn = Callable[[torch.Tensor, list[str]], RewardOutput]
 
 
+@dataclass
+class Scores:
+    """One request's answer: the served selection and every dimension, as python floats."""
+
+    scores: list[float]
+    per_dim: dict[str, list[float]]
+
+
 class Overloaded(Exception):
     """The queue is full or the server is shutting down; the client should retry after `retry_after` s."""
 
@@ -102,7 +110,7 @@ class DynamicBatcher:
         return self._closing
 
     # -- requests ----------------------------------------------------------------------------------
-    async def submit(self, images: Sequence[torch.Tensor], prompts: Sequence[str]) -> RewardOutput:
+    async def submit(self, images: Sequence[torch.Tensor], prompts: Sequence[str]) -> Scores:
         """Queue one request's images (each (3, H, W)) and wait for their scores.
 
         Raises:
@@ -198,39 +206,30 @@ class DynamicBatcher:
                 if not job.future.done():  # a client that went away cancelled its future
                     job.future.set_result(out)
 
-    def _score_batch(self, batch: list[_Job]) -> list[RewardOutput]:
+    def _score_batch(self, batch: list[_Job]) -> list[Scores]:
         """Score all images of `batch` (one forward per image size, chunks of max_batch_size)."""
         t0 = time.perf_counter()
-        flat = [(j, i) for j, job in enumerate(batch) for i in range(len(job.images))]
         by_size: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-        for j, i in flat:
-            by_size.setdefault(tuple(batch[j].images[i].shape), []).append((j, i))
-        scores: dict[tuple[int, int], float] = {}
-        per_dim: dict[tuple[int, int], dict[str, float]] = {}
+        for j, job in enumerate(batch):
+            for i, im in enumerate(job.images):
+                by_size.setdefault(tuple(im.shape), []).append((j, i))
+        results = [Scores([0.0] * len(job.images), {}) for job in batch]
         step = self.limits.max_batch_size
         for items in by_size.values():
             for c in range(0, len(items), step):
                 chunk = items[c : c + step]
                 images = torch.stack([batch[j].images[i] for j, i in chunk])
-                prompts = [batch[j].prompts[i] for j, i in chunk]
-                out = self.score_fn(images, prompts)
-                s = out.scores.detach().float().cpu()
-                dims = {k: v.detach().float().cpu() for k, v in out.per_dim.items()}
-                for row, key in enumerate(chunk):
-                    scores[key] = s[row]
-                    per_dim[key] = {k: v[row] for k, v in dims.items()}
+                out = self.score_fn(images, [batch[j].prompts[i] for j, i in chunk])
+                # Python floats once per chunk: answers are lists on every protocol anyway.
+                scores = out.scores.detach().float().cpu().tolist()
+                dims = {k: v.detach().float().cpu().tolist() for k, v in out.per_dim.items()}
+                for row, (j, i) in enumerate(chunk):
+                    res = results[j]
+                    res.scores[i] = scores[row]
+                    for k, v in dims.items():
+                        res.per_dim.setdefault(k, [0.0] * len(res.scores))[i] = v[row]
                 with self._lock:
                     self._counts["forward_passes"] += 1
-        results = []
-        for j, job in enumerate(batch):
-            keys = [(j, i) for i in range(len(job.images))]
-            dims = list(per_dim[keys[0]]) if keys else []
-            results.append(
-                RewardOutput(
-                    scores=torch.stack([scores[k] for k in keys]),
-                    per_dim={d: torch.stack([per_dim[k][d] for k in keys]) for d in dims},
-                )
-            )
         with self._lock:
             self._busy_s += time.perf_counter() - t0
         return results

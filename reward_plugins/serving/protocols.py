@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from reward_plugins.base import RewardOutput
-
+from .batcher import Scores
 from .limits import ServeLimits
 from .safe_pickle import RefusedGlobalError, loads_plain
 
@@ -286,24 +285,24 @@ def _decode_safetensors(body: bytes, limits: ServeLimits) -> tuple[list[torch.Te
 
 
 # -- answers ---------------------------------------------------------------------------------------
-def answer_dict(out: RewardOutput, dimensions: Sequence[str], reward: str) -> dict[str, Any]:
-    scores = out.scores.float().tolist()
+def answer_dict(out: Scores, dimensions: Sequence[str], reward: str) -> dict[str, Any]:
     return {
-        "scores": scores,
-        "outputs": list(scores),
-        "per_dim": {k: out.per_dim[k].float().tolist() for k in dimensions if k in out.per_dim},
+        "scores": list(out.scores),
+        "outputs": list(out.scores),
+        "per_dim": {k: list(out.per_dim[k]) for k in dimensions if k in out.per_dim},
         "dimensions": list(dimensions),
         "reward": reward,
     }
 
 
-def encode_answer(protocol: str, out: RewardOutput, dimensions: Sequence[str], reward: str) -> tuple[bytes, str]:
+def encode_answer(protocol: str, out: Scores, dimensions: Sequence[str], reward: str) -> tuple[bytes, str]:
     """The answer body and its media type, in the protocol the request spoke."""
     if protocol == "safetensors":
         from safetensors.torch import save
 
-        tensors = {"scores": out.scores.float().contiguous()}
-        tensors.update({f"per_dim.{k}": out.per_dim[k].float().contiguous() for k in dimensions if k in out.per_dim})
+        tensors = {"scores": torch.tensor(out.scores, dtype=torch.float32)}
+        tensors.update({f"per_dim.{k}": torch.tensor(out.per_dim[k], dtype=torch.float32)
+                        for k in dimensions if k in out.per_dim})
         return save(tensors, metadata={"dimensions": json.dumps(list(dimensions)), "reward": reward}), SAFETENSORS_TYPE
     body = answer_dict(out, dimensions, reward)
     if protocol == "pickle":
