@@ -118,7 +118,7 @@ def test_export_without_adapter_teaches(tmp_path):
         export_lora(pipe, pipe.unet, tmp_path)
     with pytest.raises(ValueError, match="pipe_or_family"):
         add_lora(pipe.unet, LoraSection(rank=2))
-        export_lora("flux", pipe.unet, tmp_path)
+        export_lora("kandinsky", pipe.unet, tmp_path)
 
 
 def test_build_pipeline_prediction_type_override_and_freezing():
@@ -132,7 +132,7 @@ def test_check_sections_errors_name_the_key():
     ok = (ModelSection(tiny="sd"), LoraSection(), TrainSection())
     check_sections(*ok)
     with pytest.raises(ValueError, match="model.tiny must be one of"):
-        check_sections(ModelSection(tiny="sd3"), *ok[1:])
+        check_sections(ModelSection(tiny="kandinsky"), *ok[1:])
     with pytest.raises(ValueError, match="model.pipeline is empty"):
         check_sections(ModelSection(), *ok[1:])
     with pytest.raises(ValueError, match="train.mixed_precision"):

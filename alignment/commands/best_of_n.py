@@ -20,15 +20,16 @@ import yaml
 
 from ..configs import count
 
-PIPELINE_HELP = "diffusers pipeline: hub id or dir written by save_pretrained; 'tiny-sd'/'tiny-sdxl' = random tiny"
+PIPELINE_HELP = ("diffusers pipeline: hub id or dir written by save_pretrained; "
+                 "'tiny-sd'/'tiny-sdxl'/'tiny-sd3'/'tiny-flux' = random tiny")
 
 
 @dataclass
 class GenerationConfig:
     """What every generate-and-score job shares (best-of-N, pair mining).
 
-    `pipeline` is a hub id or local dir (``DiffusionPipeline.from_pretrained``), or ``tiny-sd`` /
-    ``tiny-sdxl`` for a random tiny pipeline (offline tests). `device` None picks cuda when available;
+    `pipeline` is a hub id or local dir (``DiffusionPipeline.from_pretrained``), or ``tiny-<family>``
+    (``tiny-sd``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``) for a random tiny pipeline (offline tests). `device` None picks cuda when available;
     `dtype` 'auto' is bf16 on cuda and fp32 elsewhere; `reward_dtype` None follows `dtype`.
     """
 
@@ -97,15 +98,14 @@ def resolve_dtype(dtype: str | None, device: str) -> str:
 
 
 def build_pipeline(source: str, device: str, dtype: str):
-    """A pipeline from a hub id/dir, or a random tiny one for 'tiny-sd' / 'tiny-sdxl'."""
+    """A pipeline from a hub id/dir, or a random tiny one for 'tiny-<family>' (tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux)."""
     from reward_plugins.registry import resolve_dtype as to_torch_dtype
 
-    from ..tiny import load_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+    from ..tiny import load_pipeline, tiny_families, tiny_pipeline
 
     torch_dtype = to_torch_dtype(dtype)
-    if source in ("tiny-sd", "tiny-sdxl"):
-        pipe = (tiny_sd_pipeline if source == "tiny-sd" else tiny_sdxl_pipeline)()
-        return pipe.to(device, torch_dtype)
+    if source.startswith("tiny-") and source[5:] in tiny_families():
+        return tiny_pipeline(source[5:]).to(device, torch_dtype)
     return load_pipeline(source, device=device, dtype=torch_dtype)
 
 

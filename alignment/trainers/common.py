@@ -31,7 +31,7 @@ import torch
 from alignment.configs import check_counts, count
 
 PRECISIONS = ("no", "bf16", "fp16")
-TINY_FAMILIES = ("sd", "sdxl")
+TINY_FAMILIES = ("sd", "sdxl", "sd3", "flux")  # alignment.tiny builds these in-process
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 CHECKPOINT_DIR = "checkpoints"
@@ -52,10 +52,18 @@ class ModelSection:
     Attributes:
         pipeline: a local dir written by `save_pretrained` or a hub id (e.g.
             ``stable-diffusion-v1-5/stable-diffusion-v1-5``). Ignored when `tiny` is set.
-        tiny: ``"sd"`` or ``"sdxl"`` builds a random tiny pipeline in-process (tests, offline demo).
+        tiny: ``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"`` builds a random tiny pipeline in-process
+            (tests, offline demo).
         tiny_seed: seed of the tiny pipeline's random weights.
-        resolution: training image size in pixels; None means the UNet's native size.
-        prediction_type: override the scheduler's ``epsilon`` / ``v_prediction`` (None keeps it).
+        resolution: training image size in pixels; None means the denoiser's native size.
+        prediction_type: override the scheduler's ``epsilon`` / ``v_prediction`` (None keeps it; DDPM
+            families only: flow models always predict the velocity).
+        weighting_scheme: flow models' training timestep density (``logit_normal``, ``mode``, ``none``,
+            ``sigma_sqrt``, ``cosmap``: the ``--weighting_scheme`` of diffusers' SD3/FLUX scripts); None is
+            the family's script default (SD3: logit_normal, FLUX: none = uniform).
+        logit_mean, logit_std, mode_scale: parameters of those densities (the scripts' defaults).
+        guidance: FLUX-dev's distilled guidance embedding during training (None: 3.5, the script's).
+        max_sequence_length: T5 tokens of SD3/FLUX prompts (None: the pipelines' defaults, 256 / 512).
     """
 
     pipeline: str | None = None
@@ -63,6 +71,12 @@ class ModelSection:
     tiny_seed: int = 0
     resolution: int | None = count(None)
     prediction_type: str | None = None
+    weighting_scheme: str | None = None
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance: float | None = None
+    max_sequence_length: int | None = count(None)
 
 
 @dataclass
@@ -107,6 +121,9 @@ class TrainSection:
         output_dir: where checkpoints, logs, the LoRA and the config go.
         report_to: ``"tensorboard"`` or ``"none"``.
         num_workers: DataLoader worker processes.
+        ema_decay: keep an exponential moving average of the trained weights (LoRA or full UNet) with this
+            decay and use it for validation and the exported weights (0 disables). ImageReward's ReFL and
+            diffusers' text-to-image scripts use 0.9999, with diffusers' warm-up (see `EMA`).
     """
 
     seed: int = 0
@@ -130,6 +147,7 @@ class TrainSection:
     output_dir: str = "outputs/train"
     report_to: str = "tensorboard"
     num_workers: int = count(0, minimum=0)
+    ema_decay: float = 0.0
 
 
 def check_sections(model: ModelSection, lora: LoraSection, train: TrainSection, need_pipeline: bool = True) -> None:
@@ -154,6 +172,12 @@ def check_sections(model: ModelSection, lora: LoraSection, train: TrainSection, 
         raise ValueError(f"model.prediction_type must be one of {PREDICTION_TYPES} or null; got {model.prediction_type!r}.")
     if model.resolution is not None and model.resolution <= 0:
         raise ValueError(f"model.resolution must be a positive number of pixels; got {model.resolution}.")
+    from alignment.pipelines.flow import WEIGHTING_SCHEMES
+
+    if model.weighting_scheme is not None and model.weighting_scheme not in WEIGHTING_SCHEMES:
+        raise ValueError(f"model.weighting_scheme must be one of {WEIGHTING_SCHEMES} or null; got {model.weighting_scheme!r}.")
+    if not model.logit_std > 0:
+        raise ValueError(f"model.logit_std must be > 0; got {model.logit_std}.")
     if lora.enabled and lora.rank < 1:
         raise ValueError(f"lora.rank must be >= 1; got {lora.rank}.")
     if not lora.target_modules:
@@ -170,6 +194,8 @@ def check_sections(model: ModelSection, lora: LoraSection, train: TrainSection, 
     for key in ("save_every", "log_every", "validate_every", "lr_warmup_steps", "num_workers"):
         if getattr(train, key) < 0:
             raise ValueError(f"train.{key} must be >= 0; got {getattr(train, key)}.")
+    if not 0 <= train.ema_decay < 1:
+        raise ValueError(f"train.ema_decay must be in [0, 1) (0 disables the EMA; ReFL uses 0.9999); got {train.ema_decay}.")
     if train.report_to not in ("tensorboard", "none"):
         raise ValueError(f"train.report_to must be 'tensorboard' or 'none'; got {train.report_to!r}.")
 
@@ -193,13 +219,18 @@ def build_pipeline(model: ModelSection, device: str | torch.device, dtype: torch
     Example:
         >>> pipe = build_pipeline(ModelSection(tiny="sdxl"), "cpu", torch.float32)
     """
-    from alignment.tiny import load_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+    from alignment.pipelines import adapter_class
+    from alignment.tiny import load_pipeline, tiny_pipeline
 
     if model.tiny is not None:
         if model.tiny not in TINY_FAMILIES:
             raise ValueError(f"model.tiny must be one of {TINY_FAMILIES}; got {model.tiny!r}.")
-        build = tiny_sd_pipeline if model.tiny == "sd" else tiny_sdxl_pipeline
-        pipe = build(seed=model.tiny_seed, prediction_type=model.prediction_type or "epsilon")
+        if adapter_class(model.tiny).is_flow and model.prediction_type is not None:
+            raise ValueError(
+                f"model.prediction_type={model.prediction_type!r} does not apply to {model.tiny}: flow models "
+                "predict the velocity; remove the key."
+            )
+        pipe = tiny_pipeline(model.tiny, seed=model.tiny_seed, prediction_type=model.prediction_type)
     else:
         if not model.pipeline:
             raise ValueError("model.pipeline is empty; give a pipeline dir or hub id, or set model.tiny.")
@@ -209,15 +240,87 @@ def build_pipeline(model: ModelSection, device: str | torch.device, dtype: torch
         if model.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"model.prediction_type must be one of {PREDICTION_TYPES}; got {model.prediction_type!r}.")
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=model.prediction_type)
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, name, None)
-        if module is not None:
-            module.requires_grad_(False)
+    freeze_pipeline(pipe)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     if model.tiny is not None and dtype != torch.float32:  # tiny pipelines are built in fp32
         pipe.to(dtype=dtype)
     return pipe
+
+
+PIPELINE_MODULES = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def freeze_pipeline(pipe) -> None:
+    """`requires_grad_(False)` on every network of the pipeline (denoiser, VAE, all text encoders)."""
+    for name in PIPELINE_MODULES:
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+
+
+def build_adapter(pipe, model: ModelSection):
+    """The family adapter of `pipe`, with the model section's flow-training settings applied.
+
+    Example:
+        >>> ad = build_adapter(pipe, ModelSection(tiny="sd3", weighting_scheme="mode"))
+    """
+    from alignment.pipelines import PipelineAdapter
+
+    ad = PipelineAdapter(pipe)
+    if ad.is_flow:
+        ad.configure_timesteps(model.weighting_scheme or ad.default_weighting_scheme, model.logit_mean,
+                               model.logit_std, model.mode_scale)
+        if model.guidance is not None and hasattr(ad, "train_guidance"):
+            ad.train_guidance = float(model.guidance)
+        if model.max_sequence_length is not None:
+            ad.max_sequence_length = int(model.max_sequence_length)
+    elif model.weighting_scheme is not None:
+        raise ValueError(
+            f"model.weighting_scheme applies to flow-matching models; {ad.family} trains on uniform DDPM "
+            "timesteps. Remove the key."
+        )
+    return ad
+
+
+def check_guidance_settings(adapter, settings: dict) -> None:
+    """Refuse or flag classifier-free-guidance settings a guidance-distilled family (FLUX) would ignore.
+
+    `settings` maps config keys to values: ``*guidance_scale`` keys (for FLUX-dev the value of the distilled
+    guidance embedding, not a CFG weight: values above 5 are CFG habits and warn; FLUX-schnell has neither and
+    any value other than 1 warns) and ``*caption_dropout*`` / ``*empty_prompt*`` keys (dropping captions trains
+    the unconditional branch of CFG, which these models never run: an error when > 0).
+
+    Raises:
+        ValueError: a caption-dropout setting > 0 for a family without CFG.
+    """
+    import warnings
+
+    if adapter.uses_cfg:
+        return
+    embeds = getattr(adapter, "has_guidance_embeds", False)
+    for key, value in settings.items():
+        if value is None:
+            continue
+        if "dropout" in key or "empty_prompt" in key:
+            if value > 0:
+                raise ValueError(
+                    f"{key}={value}: {adapter.family} is guidance-distilled and samples without classifier-free "
+                    "guidance, so dropping captions trains a branch it never uses; set it to 0."
+                )
+        elif not embeds and value != 1:
+            warnings.warn(
+                f"{key}={value} is ignored: this {adapter.family} transformer has no guidance embedding "
+                "(FLUX-schnell) and the family samples without classifier-free guidance; set it to 1.",
+                stacklevel=3,
+            )
+        elif embeds and value > 5:
+            warnings.warn(
+                f"{key}={value}: {adapter.family} (FLUX-dev) has no classifier-free guidance; the value goes "
+                "into its distilled guidance embedding, which was trained around 3.5 (the pipeline's default). "
+                f"Set {key}: 3.5 unless you mean it.",
+                stacklevel=3,
+            )
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -289,17 +392,17 @@ def disabled_adapter(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 def _pipeline_class(pipe_or_family):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """(pipeline class, family adapter class) of a pipeline or a family name."""
+    import diffusers
+
+    from alignment.pipelines import adapter_class, families
 
     if isinstance(pipe_or_family, str):
-        classes = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
-        if pipe_or_family not in classes:
-            raise ValueError(f"pipe_or_family must be a pipeline or one of {sorted(classes)}; got {pipe_or_family!r}.")
-        return classes[pipe_or_family]
-    from alignment.pipelines import check_pipeline
-
-    check_pipeline(pipe_or_family)
-    return type(pipe_or_family)
+        if pipe_or_family not in families():
+            raise ValueError(f"pipe_or_family must be a pipeline or one of {sorted(families())}; got {pipe_or_family!r}.")
+        cls = adapter_class(pipe_or_family)
+        return getattr(diffusers, cls.pipeline_classes[0]), cls
+    return type(pipe_or_family), adapter_class(pipe_or_family)
 
 
 def export_lora(pipe_or_family, unet: torch.nn.Module, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
@@ -324,7 +427,7 @@ def export_lora(pipe_or_family, unet: torch.nn.Module, out_dir: str | os.PathLik
             f"the UNet has no LoRA adapter named {adapter_name!r}; add one with add_lora() first "
             "(full fine-tuning saves the UNet with unet.save_pretrained instead)."
         )
-    cls = _pipeline_class(pipe_or_family)
+    cls, family = _pipeline_class(pipe_or_family)
     config = inner.peft_config[adapter_name]
     if config.rank_pattern or config.alpha_pattern:
         raise ValueError("export_lora bakes one LoRA scale into the weights; adapters with per-module "
@@ -339,7 +442,8 @@ def export_lora(pipe_or_family, unet: torch.nn.Module, out_dir: str | os.PathLik
     metadata = config.to_dict()
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
     metadata.update(lora_alpha=config.r, use_rslora=False)  # the scale now lives in the weights
-    cls.save_lora_weights(out, unet_lora_layers=state, weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=metadata)
+    # the family knows the keyword (unet_lora_layers for SD/SDXL, transformer_lora_layers for SD3/FLUX)
+    family.save_lora(cls, out, state, metadata, LORA_WEIGHT_NAME)
     return out / LORA_WEIGHT_NAME
 
 
@@ -503,6 +607,86 @@ def progress_bar(accelerator, total: int, initial: int = 0, desc: str = "steps")
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+
+
+class EMA:
+    """Exponential moving average of trained parameters, the same for every trainer.
+
+    After each optimizer step, ``shadow ← d·shadow + (1 − d)·param`` with diffusers' `EMAModel` schedule
+    (no power warm-up): update n uses ``d = min(decay, n / (n + 9))``, and 0 for the first update, so the
+    average does not stay stuck at the initial weights. The shadow is fp32 on the parameters' device.
+
+    Example:
+        >>> ema = EMA(params, decay=0.9999)
+        >>> optimizer.step(); ema.update()
+        >>> with ema.applied():          # validate or export the averaged weights
+        ...     export_lora(pipe, unet, out)
+        >>> accelerator.register_for_checkpointing(ema)   # or make_ema(...), which does it
+    """
+
+    def __init__(self, params, decay: float) -> None:
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
+            raise ValueError(f"EMA decay must be in (0, 1) (ReFL uses 0.9999); got {decay!r}.")
+        self.params = list(params)
+        self.decay = float(decay)
+        self.shadow = [p.detach().float().clone() for p in self.params]
+        self.num_updates = 0
+
+    def current_decay(self, n: int) -> float:
+        """The decay of the n-th update (1-based)."""
+        step = n - 1
+        return 0.0 if step <= 0 else min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.num_updates += 1
+        d = self.current_decay(self.num_updates)
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1.0 - d)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The averaged weights in the parameters inside the block, the trained ones back after (even on error)."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s.to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": [s.detach().cpu() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        shadow = state["shadow"]
+        if len(shadow) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(shadow, self.shadow)):
+            raise ValueError("the checkpoint's EMA does not match the trained parameters (another model or LoRA config?).")
+        self.decay, self.num_updates = float(state["decay"]), int(state["num_updates"])
+        self.shadow = [s.to(p.device, torch.float32).clone() for s, p in zip(shadow, self.params)]
+
+
+def make_ema(accelerator, params, train: TrainSection) -> EMA | None:
+    """An `EMA` of `params` when ``train.ema_decay > 0`` (registered with `accelerator` so checkpoints carry
+    it and resumes restore it), else None. Call ``ema.update()`` after every optimizer step."""
+    if not train.ema_decay:
+        return None
+    ema = EMA(params, train.ema_decay)
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+@contextlib.contextmanager
+def ema_weights(ema: EMA | None) -> Iterator[None]:
+    """`ema.applied()`, or nothing when there is no EMA: ``with ema_weights(self.ema): validate()``."""
+    if ema is None:
+        yield
+    else:
+        with ema.applied():
+            yield
 
 
 class JsonlLogger:

@@ -43,13 +43,18 @@ from alignment.trainers.common import (
     ModelSection,
     TrainSection,
     add_lora,
+    build_adapter,
     build_pipeline,
+    check_guidance_settings,
     check_sections,
     disabled_adapter,
     drop_log_rows_after,
+    ema_weights,
     export_lora,
+    freeze_pipeline,
     latest_checkpoint,
     make_accelerator,
+    make_ema,
     progress_bar,
     register_trainable_state_hooks,
     resume_tracker_kwargs,
@@ -321,20 +326,17 @@ class DPOTrainer:
         if pipe is None:
             pipe = build_pipeline(cfg.model, self.accelerator.device, self.weight_dtype)
         else:  # a caller's pipeline: keep its dtype, move it, freeze what is not trained
-            for name in ("vae", "text_encoder", "text_encoder_2"):
-                if getattr(pipe, name, None) is not None:
-                    getattr(pipe, name).requires_grad_(False)
+            freeze_pipeline(pipe)
             pipe.to(self.accelerator.device)
         self.pipe = pipe
-        from alignment.pipelines import PipelineAdapter
-
-        self.adapter = PipelineAdapter(self.pipe)
+        self.adapter = build_adapter(self.pipe, cfg.model)
+        check_guidance_settings(self.adapter, {"validation.guidance_scale": cfg.validation.guidance_scale})
         # Under fp16 the VAE runs in fp32: SDXL's VAE overflows in fp16 (bf16 has fp32's range and is fine).
         if self.weight_dtype == torch.float16 and self.pipe.vae.dtype != torch.float32:
             self.pipe.vae.to(dtype=torch.float32)
         self.resolution = self._resolution()
 
-        unet = self.pipe.unet
+        unet = self.adapter.denoiser  # the UNet, or the transformer of flow models
         if cfg.lora.enabled:
             params = add_lora(unet, cfg.lora, seed=train.seed)
             self.ref_unet = None
@@ -359,6 +361,7 @@ class DPOTrainer:
         )
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(unet, optimizer, scheduler)
         register_trainable_state_hooks(self.accelerator)
+        self.ema = make_ema(self.accelerator, params, train)  # None unless train.ema_decay > 0
         self.global_step = 0
         self._rewards: dict[str, Any] = {}
         self.log_file = JsonlLogger(self.output_dir / "metrics.jsonl", enabled=self.accelerator.is_main_process)
@@ -383,8 +386,7 @@ class DPOTrainer:
                     f"the pair images are {wrong[0][0]}x{wrong[0][1]} but training runs at {res}x{res} "
                     f"(model.resolution); set data.resize=true or model.resolution={wrong[0][0]}."
                 )
-        n_down = len(ad.unet_model.config.down_block_types)
-        multiple = ad.vae_scale * 2 ** (n_down - 1)
+        multiple = ad.resolution_multiple
         if res % multiple:
             raise ValueError(f"training resolution {res} must be a multiple of {multiple} for this UNet/VAE; set model.resolution.")
         return res
@@ -464,8 +466,9 @@ class DPOTrainer:
             # UNet's inputs to the compute dtype.
             latents = latents.float()
             noise = torch.randn(latents[:b].shape, generator=generator, dtype=torch.float32).to(dev)
-            t = torch.randint(0, ad.noise_scheduler.config.num_train_timesteps, (b,), generator=generator).to(dev)
-            noise, t = torch.cat([noise, noise]), torch.cat([t, t])  # one noise and one timestep per pair
+            # the family's training distribution: uniform DDPM steps, or σ from the flow scripts' density
+            t = ad.sample_timesteps(b, generator, device=dev)
+            noise, t = torch.cat([noise, noise]), torch.cat([t, t])  # one noise and one timestep (σ) per pair
             noisy = ad.add_noise(latents, noise, t)
             target = ad.target(latents, noise, t)
             cond = ad.encode_prompts(batch["caption"], resolution=self.resolution)
@@ -529,6 +532,8 @@ class DPOTrainer:
                     self.optimizer.step()
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                    if self.ema is not None and acc.sync_gradients:
+                        self.ema.update()
                 names = ["loss", *metrics]
                 values = torch.stack([loss.detach().float().reshape(()), *(v.float().reshape(()) for v in metrics.values())])
                 window = values if window is None else window + values
@@ -573,8 +578,8 @@ class DPOTrainer:
                 guidance_scale=guidance_scale, generator=g, output_type="latent",
             )
         # Decoded outside autocast: under fp16 the VAE is fp32 and must not run its convolutions in fp16.
-        with torch.no_grad():
-            return self.adapter.decode(out.images)
+        with torch.no_grad():  # (FLUX returns packed tokens: the adapter unpacks them)
+            return self.adapter.decode(self.adapter.pipeline_latents(out.images, self.resolution, self.resolution))
 
     def validate(self, step: int) -> dict[str, float]:
         """Sample the validation prompts, score them, log the mean reward and the images (main process)."""
@@ -582,7 +587,8 @@ class DPOTrainer:
         if not v.prompts or not v.reward or not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return {}
-        images = self.sample(v.prompts, v.seed, v.num_inference_steps, v.guidance_scale)
+        with ema_weights(self.ema):  # the averaged weights are what gets exported
+            images = self.sample(v.prompts, v.seed, v.num_inference_steps, v.guidance_scale)
         reward = self._reward(v.reward, v.reward_kwargs, v.reward_dtype)
         with torch.no_grad():
             out = reward(images.to(self.accelerator.device), list(v.prompts))
@@ -717,11 +723,12 @@ class DPOTrainer:
             save_checkpoint(acc, self.output_dir, self.global_step, cfg.train.checkpoints_total_limit)
         lora_path = unet_path = None
         if acc.is_main_process:
-            if cfg.lora.enabled:
-                lora_path = export_lora(self.pipe, self.model, self.output_dir)
-            else:
-                unet_path = self.output_dir / "unet"
-                unwrap(self.model).save_pretrained(unet_path)
+            with ema_weights(self.ema):  # with train.ema_decay the exported model is the EMA
+                if cfg.lora.enabled:
+                    lora_path = export_lora(self.pipe, self.model, self.output_dir)
+                else:
+                    unet_path = self.output_dir / "unet"
+                    unwrap(self.model).save_pretrained(unet_path)
             plot_metrics(self.log_file.path, CURVES, self.output_dir / "curves.png", title="Diffusion-DPO")
             plot_metrics(self.log_file.path, ["val/reward_mean"], self.output_dir / "val_reward.png",
                          title="validation reward of the policy")

@@ -51,7 +51,6 @@ from reward_plugins.registry import create_reward, parse_name, resolve_dtype
 
 from .. import losses
 from ..configs import check_counts, count, save_config
-from ..pipelines import PipelineAdapter
 from ..plots import plot_metrics
 from ..sampling import decode, denoise, negative_embeds, renoise_final_step
 from .common import (
@@ -60,13 +59,18 @@ from .common import (
     ModelSection,
     TrainSection,
     add_lora,
+    build_adapter,
     build_pipeline,
+    check_guidance_settings,
     check_sections,
     disabled_adapter,
     drop_log_rows_after,
+    ema_weights,
     export_lora,
+    freeze_pipeline,
     latest_checkpoint,
     make_accelerator,
+    make_ema,
     read_checkpoint_state,
     read_jsonl,
     register_trainable_state_hooks,
@@ -370,17 +374,16 @@ class RewardFinetuner:
         if pipe is None:
             pipe = build_pipeline(config.model, device, self.weight_dtype)
         else:  # a caller's pipeline: keep its dtype, move it, freeze what is not trained
-            for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-                if getattr(pipe, name, None) is not None:
-                    getattr(pipe, name).requires_grad_(False)
+            freeze_pipeline(pipe)
             pipe.to(device)
         self.pipe = pipe
-        self.adapter = PipelineAdapter(self.pipe)
+        self.adapter = build_adapter(self.pipe, config.model)
+        check_guidance_settings(self.adapter, {"sampling.guidance_scale": config.sampling.guidance_scale})
         # Under fp16 the VAE decodes in fp32: SDXL's VAE overflows in fp16 (bf16 has fp32's range).
         if self.weight_dtype == torch.float16 and self.pipe.vae.dtype != torch.float32:
             self.pipe.vae.to(dtype=torch.float32)
         self.resolution = config.model.resolution or self.adapter.default_resolution
-        unet = self.pipe.unet
+        unet = self.adapter.denoiser  # the UNet, or the transformer of flow models
         self.base_unet = None
         if config.lora.enabled:
             self.params = add_lora(unet, config.lora, seed=config.train.seed)
@@ -407,6 +410,7 @@ class RewardFinetuner:
         # The lr scheduler is stepped once per optimizer step by hand (accelerate would step it once per
         # process); it is checkpointed as a custom object.
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
+        self.ema = make_ema(self.accelerator, self.params, t)  # None unless train.ema_decay > 0
         # Every UNet call goes to the inner module: reward-gradient methods call it several times before
         # one backward, which DDP's reducer does not allow; gradients are averaged by `_sync_gradients`.
         self.model = unwrap(self.unet)
@@ -441,6 +445,7 @@ class RewardFinetuner:
     def _encode(self, prompts: list[str]):
         cond = self.adapter.encode_prompts(prompts, self.resolution)
         g = self.cfg.sampling.guidance_scale
+        # None for guidance-distilled families (FLUX): `denoise` puts g into the guidance embedding
         return cond, (negative_embeds(self.adapter, cond) if g > 1 else None)
 
     def _sample_kwargs(self) -> dict:
@@ -571,10 +576,11 @@ class RewardFinetuner:
         """The UNet's prediction on q(x_t | x_0) at uniform training timesteps, and its target."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        ad = self.adapter  # DDPM's forward process at integer training timesteps, whatever the sampler
+        # The family's training forward process, whatever the sampler: DDPM at uniform integer timesteps
+        # (SD/SDXL), rectified flow at the scripts' σ density (SD3/FLUX).
+        ad = self.adapter
         noise = randn_tensor(latents.shape, generator=gen, device=latents.device, dtype=torch.float32)
-        t = torch.randint(0, ad.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-        t = t.to(latents.device)
+        t = ad.sample_timesteps(latents.shape[0], gen, device=latents.device)
         x = ad.add_noise(latents.float(), noise, t).to(self.model.dtype)
         pred = ad.unet(x, t, cond, unet=self.model).float()
         target = ad.target(latents.float(), noise, t)
@@ -596,9 +602,14 @@ class RewardFinetuner:
         return stats
 
     # -- validation ----------------------------------------------------------------------------------------
-    @torch.no_grad()
     def validate(self) -> dict:
-        """Training and evaluation rewards on the fixed validation prompts and seeds (`val/...` tags)."""
+        """Training and evaluation rewards of final images on the fixed validation prompts and seeds (`val/...`
+        tags), sampled with the EMA weights when ``train.ema_decay`` is set (they are what gets exported)."""
+        with ema_weights(self.ema):
+            return self._validate()
+
+    @torch.no_grad()
+    def _validate(self) -> dict:
         prompts = [p for p in self.val_prompts for _ in range(self.cfg.data.val_images_per_prompt)]
         # Each process takes a slice; seeds depend on the image index only, so results do not depend on
         # the number of processes.
@@ -664,6 +675,8 @@ class RewardFinetuner:
         self._sync_gradients()
         grad_norm = acc.clip_grad_norm_(self.params, t.max_grad_norm if t.max_grad_norm else math.inf)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -712,10 +725,11 @@ class RewardFinetuner:
         lora_path = None
         acc.wait_for_everyone()
         if acc.is_main_process:
-            if self.cfg.lora.enabled:
-                lora_path = export_lora(self.pipe, self.model, self.output_dir)
-            else:
-                self.model.save_pretrained(self.output_dir / "unet")
+            with ema_weights(self.ema):  # with train.ema_decay the exported model is the EMA
+                if self.cfg.lora.enabled:
+                    lora_path = export_lora(self.pipe, self.model, self.output_dir)
+                else:
+                    self.model.save_pretrained(self.output_dir / "unet")
         acc.end_training()
         if acc.is_main_process:
             plot_metrics(self.logger.path, CURVES, self.output_dir / "curves.png",
