@@ -244,7 +244,9 @@ def run_probes(
 
 def probes_table(result: ProbeResult) -> str:
     """Markdown: one row per (reward, probe, strength), the change in the reward's own units and in spreads."""
-    lines = ["| reward | probe | strength | mean change | change / spread | images scoring higher |",
+    lines = ["Change = score of the edited image − score of the original (prompt_shuffle: with another image's "
+             "prompt − with its own); spread = the reward's std over the unedited probe images.", "",
+             "| reward | probe | strength | mean change | change / spread | images scoring higher |",
              "|---|---|---:|---:|---:|---:|"]
     for r in result.rows:
         lines.append(f"| {r.reward} | {r.probe} | {r.strength:g} | {r.mean_change:+.4g} | {r.relative_change:+.3f} | "

@@ -82,7 +82,7 @@ def bar_chart(bars: Sequence[tuple[str, float, float, float]], path: str | os.Pa
     hi = max(vals) if hi is None else hi
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
-    row, left, right, top = 26, 230, 30, 40
+    row, left, right, top = 26, 230, 80, 40  # the right margin holds the value labels
     w, h = 760, top + row * len(bars) + 50
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
@@ -95,16 +95,19 @@ def bar_chart(bars: Sequence[tuple[str, float, float, float]], path: str | os.Pa
     for t in _ticks(lo, hi):
         d.line([(sx(t), top), (sx(t), bottom)], fill=(229, 231, 235))
         d.text((sx(t) - 12, bottom + 6), f"{t:.3g}", fill=(75, 85, 99), font=font)
+    base = 0.0 if lo < 0 < hi else lo  # bars grow from zero when values straddle it
     for i, (label, v, a, b) in enumerate(bars):
         y = top + i * row
         color = PALETTE[i % len(PALETTE)]
-        d.rectangle([sx(lo), y + 5, sx(v), y + row - 5], fill=color)
+        x0, x1 = sorted((sx(base), sx(v)))
+        d.rectangle([x0, y + 5, max(x1, x0 + 1), y + row - 5], fill=color)
         if math.isfinite(a) and math.isfinite(b) and b > a:
             d.line([(sx(a), y + row // 2), (sx(b), y + row // 2)], fill=(17, 24, 39), width=2)
             for x in (sx(a), sx(b)):
                 d.line([(x, y + 7), (x, y + row - 7)], fill=(17, 24, 39), width=2)
         d.text((8, y + 6), label[:34], fill=(17, 24, 39), font=font)
-        d.text((min(sx(max(v, b if math.isfinite(b) else v)) + 6, w - 60), y + 6), f"{v:.3f}", fill=(17, 24, 39), font=font)
+        end = max(v, b) if math.isfinite(b) else v
+        d.text((min(max(sx(end), sx(base)) + 6, w - 70), y + 6), f"{v:.3f}", fill=(17, 24, 39), font=font)
     d.text((left, 12), title, fill=(17, 24, 39), font=font)
     d.text(((left + w) // 2 - 4 * len(xlabel), h - 22), xlabel, fill=(75, 85, 99), font=font)
     path = Path(path)
@@ -144,13 +147,13 @@ def probe_charts(result: ProbeResult, out_dir: str | os.PathLike) -> list[Path]:
                 series.setdefault(r.reward, [(ed.neutral, 0.0)]).append((r.strength, r.relative_change))
         if series:
             paths.append(line_chart(series, Path(out_dir) / f"probe_{e}.png", title=f"{e}: score change / spread",
-                                    xlabel=ed.unit, ylabel="Δ score / std"))
+                                    xlabel=ed.unit, ylabel="score change / std"))
     shuffle = [(r.reward, r.relative_change, math.nan, math.nan) for r in result.rows if r.probe == "prompt_shuffle"]
     if shuffle:
         vals = [v for _, v, _, _ in shuffle if math.isfinite(v)]
         if vals:
             paths.append(bar_chart(shuffle, Path(out_dir) / "probe_prompt_shuffle.png",
-                                   title="another image's prompt: score change / spread", xlabel="Δ score / std",
+                                   title="another image's prompt: score change / spread", xlabel="score change / std",
                                    lo=min(0.0, *vals), hi=max(0.0, *vals) or 1e-3))
     return paths
 
