@@ -1,57 +1,13 @@
-"""Loopback servers for the judge tests: `transformers serve` on the tiny VLM, and a fault-injecting proxy."""
+"""A fault-injecting loopback proxy for the judge tests (the real server: `reward_plugins.judge.local_server`)."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class TransformersServe:
-    """`transformers serve <model dir>` on 127.0.0.1 in a subprocess (offline), stopped by `close`."""
-
-    def __init__(self, model_dir: Path, startup_timeout: float = 120.0) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.log = open(Path(model_dir) / "serve.log", "w")
-        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir), "--host", "127.0.0.1",
-             "--port", str(self.port), "--device", "cpu"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                urllib.request.urlopen(self.base_url + "/models", timeout=2).read()
-                return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.monotonic() > deadline:
-                    self.close()
-                    raise RuntimeError(f"transformers serve did not start within {startup_timeout:g} s") from None
-                time.sleep(0.3)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 class FaultProxy:

@@ -4,10 +4,11 @@ VLM), with a fault-injecting proxy in front of it for timeouts, 5xx and malforme
 import time
 
 import pytest
-from judge_server import FaultProxy, TransformersServe, free_port
+from judge_server import FaultProxy
 
 from reward_plugins.judge import BackendError, Judge, make_backend
 from reward_plugins.judge.backends.http import HTTPBackend
+from reward_plugins.judge.local_server import TransformersServe, free_port
 from reward_plugins.judge.tiny import save_tiny_vlm
 from reward_plugins.testing import random_images
 
@@ -109,3 +110,19 @@ def test_bad_options():
 
 def server_model(server):
     return HTTPBackend(server.base_url).model
+
+
+def test_reward_through_the_server(served):
+    import reward_plugins as rp
+
+    _, server = served
+    reward = rp.create_reward("mllm-judge", backend="http", base_url=server.base_url, dimensions=["aesthetic"],
+                              max_retries=0, max_new_tokens=8, on_failure="nan",
+                              backend_options={"concurrency": 2})
+    assert reward.judge.backend.concurrency == 2 and not reward.is_differentiable
+    out = reward(random_images(3, 32, 32), ["a cat", "a cat", "a dog"])
+    # The served model is random and unconstrained: both list-wise requests fail, recorded, NaN (never 0).
+    assert len(reward.failures) == 2 and {f.num_images for f in reward.failures} == {1, 2}
+    assert out.scores.isnan().all() and reward.cost.requests == 2 and reward.cost.prompt_tokens > 0
+    with pytest.raises(ValueError, match="backend='http' needs base_url"):
+        rp.create_reward("mllm-judge", backend="http")
