@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as e:
-        # User errors: one clear line, no traceback. Programming errors still raise.
+    except (FileNotFoundError, ValueError, KeyError, TypeError, pickle.UnpicklingError, ConnectionError) as e:
+        # User errors (a remote reward server that is down included): one clear line, no traceback.
+        # Programming errors still raise.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         msg = " ".join(str(msg).split())  # one line, whatever the message's own layout
         print(f"reward-align {args.command}: error: {msg}", file=sys.stderr)

@@ -107,6 +107,26 @@ def test_a_4xx_answer_raises_value_error_with_the_servers_explanation(server):
         remote.score(random_images(1, 160, 160), PROMPTS[:1])
 
 
+def test_client_retries_a_503_after_the_servers_retry_after(reward):
+    # Queue of 2 images and a long batching wait: of two concurrent 2-image requests one is refused with
+    # 503 + Retry-After 1, and the client retries it after that second.
+    limits = ServeLimits(max_batch_size=64, max_wait_ms=400, max_queue_images=2, max_images_per_request=2)
+    images = random_images(4, 32, 32, seed=13)
+    expected = reward.score(images, PROMPTS[:4]).scores
+    with BackgroundServer(rp.create_reward("lescore-tiny"), limits=limits) as s:
+        remote = rp.create_reward("remote", url=s.url, retries=3, backoff_s=0.05)
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, remote.score(images[2 * i : 2 * i + 2],
+                                                                                            PROMPTS[2 * i : 2 * i + 2])))
+                   for i in range(2)]
+        results = {}
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert s.stats["overload_rejections"] >= 1
+    torch.testing.assert_close(torch.cat([results[0].scores, results[1].scores]), expected, rtol=1e-4, atol=1e-4)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -203,3 +223,14 @@ def test_cli_serve_unknown_reward_is_one_line_error(capsys):
     err = capsys.readouterr().err
     assert "reward-align serve: error: unknown reward 'lescroe-tiny'. Did you mean 'lescore-tiny'" in err
     assert "Traceback" not in err
+
+
+def test_cli_reports_a_remote_server_that_is_down_in_one_line(monkeypatch, capsys, tmp_path):
+    from alignment.cli import main
+
+    monkeypatch.setitem(RemoteReward.__init__.__kwdefaults__, "retries", 0)
+    url = f"http://127.0.0.1:{_free_port()}"
+    tensor_to_pil(random_images(1, 16, 16)[0]).save(tmp_path / "a.png")
+    assert main(["score", "--reward", "remote", "--checkpoint", url, str(tmp_path / "a.png")]) == 1
+    err = capsys.readouterr().err
+    assert f"reward-align score: error: reward server at {url} failed 1 attempt(s)" in err and "Traceback" not in err

@@ -100,7 +100,8 @@ class BackgroundServer:
         if self._thread is None:
             return
         self._server.should_exit = True
-        self._thread.join(timeout_s)
+        if threading.current_thread() is not self._thread:  # a finalizer may run on the server's own thread
+            self._thread.join(timeout_s)
         self._thread = None
 
     @property
