@@ -231,3 +231,16 @@ def test_tie_threshold_tuned_on_validation_like_pickscore(tmp_path):
     acc = res.get("channels:red")
     assert acc.rule == "pickscore" and acc.tie_threshold == 0.1 and acc.value == 1.0
     assert evaluate_set(val, rewards, ["channels:red"], rules=(), bootstrap=0, progress=False).get("channels:red").value == 0.75
+
+
+def test_a_hub_snapshot_folder_reads_one_split_by_glob(tmp_path):
+    data = tmp_path / "pickapic_v1" / "data"
+    write_pickapic(data / "test_unique-00000-of-00001.parquet")
+    write_pickapic(data / "train-00000-of-00001.parquet", rows=[(1, 2, 1.0)])
+    whole = load_preference_set(data)
+    assert len(whole.pairs) == 7 and any("splits ['test_unique', 'train']" in n for n in whole.notes)
+    one = load_preference_set(str(data / "test_unique-*.parquet"))
+    assert len(one.pairs) == 6 and not one.notes
+    assert run(str(data / "test_unique-*.parquet")).get("channels:red").value == pytest.approx(4 / 6)
+    with pytest.raises(FileNotFoundError, match="no parquet file matches"):
+        load_preference_set(str(data / "validation-*.parquet"))

@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
                              "with --calibrate / --probes only.")
         print(f"{pset.name}: {pset.layout}, {len(pset.groups)} prompts, {len(pset.images)} images, "
               f"{len(pset.pairs)} pairs, official protocol {pset.protocol}")
+        for note in pset.notes:
+            print(f"  note: {note}")
         res = harness.evaluate_set(
             pset, rewards, args.reward, rules, thresholds, args.tie_space, args.bootstrap, args.confidence,
             args.seed, args.batch_size, args.workers, not args.no_progress, args.strict,
@@ -92,8 +94,9 @@ def register(sub) -> None:
     p = sub.add_parser("eval-reward", help="pairwise accuracy, calibration and bias probes of rewards", description=__doc__)
     p.add_argument("--reward", action="append", required=True, help="NAME or NAME:DIMENSION (repeat for several)")
     p.add_argument("--dataset", action="append", required=True,
-                   help="a local file/dir (pickapic parquet, HPD v2 / ImageReward test.json, MHP pairs, "
-                        "`reward-align pairs` dir, image folder) or a hub name: pickapic, hpdv2, imagereward (repeat)")
+                   help="a local file, dir or parquet glob (pickapic parquet, HPD v2 / ImageReward test.json, MHP "
+                        "pairs, `reward-align pairs` dir, image folder), a hub name (pickapic, hpdv2, imagereward) or "
+                        "toyworld / toyworld-render (repeat)")
     p.add_argument("--layout", help="force the layout: pickapic, hpdv2, imagereward, mhp, pairs, images")
     p.add_argument("--images", help="image folder the set's relative paths start from (default: beside the file)")
     p.add_argument("--rule", action="append", choices=("exclude", "half", "predict", "imagereward", "hpsv2", "pickscore"),

@@ -20,6 +20,7 @@ Layouts (what each official repository reads; see `LAYOUTS` for the detection si
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -62,10 +63,25 @@ def _unknown_layout(path: Path, seen: str) -> ValueError:
 
 # -- reading rows ---------------------------------------------------------------------------------------
 
+def _is_glob(path: str | os.PathLike) -> bool:
+    return any(c in str(path) for c in "*?[")
+
+
 def _parquet_files(path: Path) -> list[Path]:
+    if _is_glob(path):  # e.g. pickapic_v1/data/test_unique-*.parquet: one split of a hub snapshot
+        return [Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if p.endswith(".parquet")]
     if path.is_dir():
         return sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
     return [path]
+
+
+def _split_note(files: list[Path]) -> list[str]:
+    """Hub snapshots keep every split in one folder (``<split>-00000-of-00003.parquet``): say so."""
+    splits = sorted({f.name.split("-")[0] for f in files if "-of-" in f.name})
+    if len(splits) > 1:
+        return [f"read {len(files)} parquet files of the splits {splits}; pass a glob such as "
+                f"'DIR/{splits[0]}-*.parquet' to read one split"]
+    return []
 
 
 def _parquet_columns(files: list[Path]) -> set[str]:
@@ -110,9 +126,14 @@ def detect_layout(path: str | os.PathLike) -> str:
         ValueError: none of the known layouts matches; the message lists them.
     """
     path = Path(path)
+    if _is_glob(path):
+        files = _parquet_files(path)
+        if not files:
+            raise FileNotFoundError(f"no parquet file matches {path}.")
+        return _layout_of_columns(_parquet_columns(files), path)
     if not path.exists():
         raise FileNotFoundError(f"dataset path {path} does not exist; pass a local file or directory "
-                                f"(or a hub name: {', '.join(HUB)}).")
+                                f"(or a hub name: {', '.join(HUB)}; or toyworld, toyworld-render).")
     if path.is_dir():
         manifest = path / "manifest.json"
         if manifest.is_file():
@@ -233,7 +254,9 @@ def load_pickapic(path: str | os.PathLike, layout: str = "pickapic") -> Preferen
     if not files:
         raise FileNotFoundError(f"no parquet files under {path}.")
     cols = ["caption", "jpg_0", "jpg_1", "label_0", "has_label"]
-    return _load_pick_rows(_parquet_rows(files, cols), str(path), layout)
+    out = _load_pick_rows(_parquet_rows(files, cols), str(path), layout)
+    out.notes.extend(_split_note(files))
+    return out
 
 
 def load_pairs(path: str | os.PathLike) -> PreferenceSet:
