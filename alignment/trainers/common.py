@@ -148,7 +148,6 @@ class TrainSection:
     report_to: str = "tensorboard"
     num_workers: int = count(0, minimum=0)
     ema_decay: float = 0.0
-    ema_decay: float = 0.0
 
 
 def check_sections(model: ModelSection, lora: LoraSection, train: TrainSection, need_pipeline: bool = True) -> None:
@@ -195,8 +194,6 @@ def check_sections(model: ModelSection, lora: LoraSection, train: TrainSection, 
     for key in ("save_every", "log_every", "validate_every", "lr_warmup_steps", "num_workers"):
         if getattr(train, key) < 0:
             raise ValueError(f"train.{key} must be >= 0; got {getattr(train, key)}.")
-    if not 0 <= train.ema_decay < 1:
-        raise ValueError(f"train.ema_decay must be in [0, 1) (0 disables the EMA; ReFL uses 0.9999); got {train.ema_decay}.")
     if not 0 <= train.ema_decay < 1:
         raise ValueError(f"train.ema_decay must be in [0, 1) (0 disables the EMA; ReFL uses 0.9999); got {train.ema_decay}.")
     if train.report_to not in ("tensorboard", "none"):
@@ -610,86 +607,6 @@ def progress_bar(accelerator, total: int, initial: int = 0, desc: str = "steps")
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-
-
-class EMA:
-    """Exponential moving average of trained parameters, the same for every trainer.
-
-    After each optimizer step, ``shadow ← d·shadow + (1 − d)·param`` with diffusers' `EMAModel` schedule
-    (no power warm-up): update n uses ``d = min(decay, n / (n + 9))``, and 0 for the first update, so the
-    average does not stay stuck at the initial weights. The shadow is fp32 on the parameters' device.
-
-    Example:
-        >>> ema = EMA(params, decay=0.9999)
-        >>> optimizer.step(); ema.update()
-        >>> with ema.applied():          # validate or export the averaged weights
-        ...     export_lora(pipe, unet, out)
-        >>> accelerator.register_for_checkpointing(ema)   # or make_ema(...), which does it
-    """
-
-    def __init__(self, params, decay: float) -> None:
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
-            raise ValueError(f"EMA decay must be in (0, 1) (ReFL uses 0.9999); got {decay!r}.")
-        self.params = list(params)
-        self.decay = float(decay)
-        self.shadow = [p.detach().float().clone() for p in self.params]
-        self.num_updates = 0
-
-    def current_decay(self, n: int) -> float:
-        """The decay of the n-th update (1-based)."""
-        step = n - 1
-        return 0.0 if step <= 0 else min(self.decay, (1 + step) / (10 + step))
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.num_updates += 1
-        d = self.current_decay(self.num_updates)
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach().float(), 1.0 - d)
-
-    @contextlib.contextmanager
-    def applied(self) -> Iterator[None]:
-        """The averaged weights in the parameters inside the block, the trained ones back after (even on error)."""
-        backup = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, s in zip(self.params, self.shadow):
-                p.copy_(s.to(p.dtype))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, b in zip(self.params, backup):
-                    p.copy_(b)
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": [s.detach().cpu() for s in self.shadow]}
-
-    def load_state_dict(self, state: dict) -> None:
-        shadow = state["shadow"]
-        if len(shadow) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(shadow, self.shadow)):
-            raise ValueError("the checkpoint's EMA does not match the trained parameters (another model or LoRA config?).")
-        self.decay, self.num_updates = float(state["decay"]), int(state["num_updates"])
-        self.shadow = [s.to(p.device, torch.float32).clone() for s, p in zip(shadow, self.params)]
-
-
-def make_ema(accelerator, params, train: TrainSection) -> EMA | None:
-    """An `EMA` of `params` when ``train.ema_decay > 0`` (registered with `accelerator` so checkpoints carry
-    it and resumes restore it), else None. Call ``ema.update()`` after every optimizer step."""
-    if not train.ema_decay:
-        return None
-    ema = EMA(params, train.ema_decay)
-    accelerator.register_for_checkpointing(ema)
-    return ema
-
-
-@contextlib.contextmanager
-def ema_weights(ema: EMA | None) -> Iterator[None]:
-    """`ema.applied()`, or nothing when there is no EMA: ``with ema_weights(self.ema): validate()``."""
-    if ema is None:
-        yield
-    else:
-        with ema.applied():
-            yield
 
 
 class EMA:

@@ -362,7 +362,6 @@ class DPOTrainer:
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(unet, optimizer, scheduler)
         register_trainable_state_hooks(self.accelerator)
         self.ema = make_ema(self.accelerator, params, train)  # None unless train.ema_decay > 0
-        self.ema = make_ema(self.accelerator, params, train)  # None unless train.ema_decay > 0
         self.global_step = 0
         self._rewards: dict[str, Any] = {}
         self.log_file = JsonlLogger(self.output_dir / "metrics.jsonl", enabled=self.accelerator.is_main_process)
@@ -535,8 +534,6 @@ class DPOTrainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     if self.ema is not None and acc.sync_gradients:
                         self.ema.update()
-                    if self.ema is not None and acc.sync_gradients:
-                        self.ema.update()
                 names = ["loss", *metrics]
                 values = torch.stack([loss.detach().float().reshape(()), *(v.float().reshape(()) for v in metrics.values())])
                 window = values if window is None else window + values
@@ -591,7 +588,6 @@ class DPOTrainer:
             self.accelerator.wait_for_everyone()
             return {}
         with ema_weights(self.ema):  # the averaged weights are what gets exported
-            with ema_weights(self.ema):  # the averaged weights are what gets exported
             images = self.sample(v.prompts, v.seed, v.num_inference_steps, v.guidance_scale)
         reward = self._reward(v.reward, v.reward_kwargs, v.reward_dtype)
         with torch.no_grad():

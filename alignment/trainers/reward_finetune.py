@@ -71,7 +71,6 @@ from .common import (
     latest_checkpoint,
     make_accelerator,
     make_ema,
-    make_ema,
     read_checkpoint_state,
     read_jsonl,
     register_trainable_state_hooks,
@@ -411,7 +410,6 @@ class RewardFinetuner:
         # The lr scheduler is stepped once per optimizer step by hand (accelerate would step it once per
         # process); it is checkpointed as a custom object.
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
-        self.ema = make_ema(self.accelerator, self.params, t)  # None unless train.ema_decay > 0
         self.ema = make_ema(self.accelerator, self.params, t)  # None unless train.ema_decay > 0
         # Every UNet call goes to the inner module: reward-gradient methods call it several times before
         # one backward, which DDP's reducer does not allow; gradients are averaged by `_sync_gradients`.
