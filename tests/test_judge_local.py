@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import reward_plugins as rp
-from reward_plugins.judge import TEMPLATE_TYPES, BackendError, ImageScores, Judge, make_backend
+from reward_plugins.judge import TEMPLATE_TYPES, Backend, BackendError, Completion, ImageScores, Judge, make_backend
 from reward_plugins.judge.backends.local import LocalBackend
 from reward_plugins.judge.tiny import save_tiny_vlm
 from reward_plugins.rewards.mllm_judge import MLLMJudgeReward
@@ -102,3 +102,51 @@ def test_reward_failure_is_raised_or_nan_never_zero(vlm_dir):
     reward = MLLMJudgeReward(judge, ["aesthetic"], on_failure="nan")
     out = reward(images, ["a cat", "a cat"])
     assert torch.isnan(out.scores).all() and len(reward.failures) == 1 and reward.failures[0].raw
+
+
+class _Fixed(Backend):
+    """A served judge stand-in: answers every annotation with fixed scores (placement test only)."""
+
+    name, max_images = "fixed", 8
+
+    def generate(self, requests, max_new_tokens, temperature=0.0):
+        return [Completion("{" + ",".join(f'"image_{k}": {{"{r.answer_key}": {10 * k}}}' for k in
+                                          range(1, r.num_images + 1)) + "}", 1, 1) for r in requests]
+
+
+def test_weightless_judge_follows_to_device():
+    r = MLLMJudgeReward(Judge(_Fixed()), ["aesthetic"])
+    assert r.device == torch.device("cpu") and not list(r.parameters())
+    assert MLLMJudgeReward(Judge(_Fixed()), ["aesthetic"]).to("meta").device == torch.device("meta")
+    out = r(random_images(3, 16, 16), ["a", "a", "b"])
+    assert out.scores.tolist() == [10.0, 20.0, 10.0]  # list-wise: image k of a prompt's request gets 10 k
+
+
+def test_vllm_backend_glue(monkeypatch):
+    """The vLLM adapter's calls, against a stand-in `vllm` module (real vLLM needs a GPU machine)."""
+    import sys
+    import types
+
+    calls = {}
+
+    class LLM:
+        def __init__(self, model, **kw):
+            calls["init"] = (model, kw)
+
+        def chat(self, conversations, params, use_tqdm=False):
+            calls["chat"] = (conversations, params)
+            out = types.SimpleNamespace(text='{"image_1": {"alignment": 42}}', token_ids=[1, 2, 3])
+            return [types.SimpleNamespace(outputs=[out], prompt_token_ids=[0] * 7) for _ in conversations]
+
+    class SamplingParams:
+        def __init__(self, max_tokens, temperature):
+            self.max_tokens, self.temperature = max_tokens, temperature
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    judge = Judge("vllm", backend_options={"model": "mistralai/Pixtral-12B-2409", "tokenizer_mode": "mistral"})
+    assert calls["init"] == ("mistralai/Pixtral-12B-2409", {"tokenizer_mode": "mistral", "limit_mm_per_prompt": {"image": 8}})
+    req = judge.request("annotation_alignment", "a cat", [random_images(1, 16, 16)[0]])
+    [o] = judge.run([req])
+    assert o.ok and o.result.scores == [42.0] and (o.prompt_tokens, o.completion_tokens) == (7, 3)
+    conversations, params = calls["chat"]
+    assert conversations == [req.messages] and params.temperature == 0.0 and params.max_tokens == 64

@@ -78,6 +78,13 @@ class MLLMJudgeReward(RewardModel):
         # A local model is a submodule, so `.to(device, dtype)` on the reward moves the VLM too.
         vlm = getattr(judge.backend, "model", None)
         self.vlm = vlm if isinstance(vlm, torch.nn.Module) else None
+        # A served judge has no weights here; this empty buffer records where `.to()` put the reward, so
+        # best-of-N and pair mining see it on the pipeline's device.
+        self.register_buffer("_placement", torch.zeros(0), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.vlm.device if self.vlm is not None else self._placement.device
 
     def _groups(self, prompts: list[str]) -> list[list[int]]:
         if not self.listwise:
