@@ -104,7 +104,8 @@ def test_cli_images_and_prompts(vlm_dir, tmp_path, capsys):
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["requests"] == 1 and summary["pairs"] == 1 and summary["prompt_tokens"] > 0
     rc = main(["annotate", "prompts", "--prompt", "a cat", "--output-dir", str(tmp_path / "p"), "--backend", "local",
-               "--model", str(vlm_dir), "--max-new-tokens", "4", "--max-retries", "0", "--no-progress"])
+               "--model", str(vlm_dir), "--max-new-tokens", "4", "--max-retries", "0", "--no-progress",
+               "--backend-option", "batch_size=3"])
     assert rc == 0 and "3 requests" in capsys.readouterr().out
 
 
@@ -121,6 +122,9 @@ def test_cli_errors_are_one_line(vlm_dir, tmp_path, capsys):
     rc = main(["annotate", "prompts", "--prompt", "a cat", "--output-dir", str(tmp_path / "z"), "--backend", "local",
                "--model", str(vlm_dir), "--template-types", "annotation_aesthetic"])
     assert rc == 1 and "not a prompt template" in capsys.readouterr().err
+    rc = main(["annotate", "prompts", "--prompt", "a cat", "--output-dir", str(tmp_path / "u"), "--backend", "local",
+               "--model", str(vlm_dir), "--backend-option", "batch_size"])
+    assert rc == 1 and "--backend-option takes KEY=VALUE" in capsys.readouterr().err
     rc = main(["annotate", "images", "--images", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "w")])
     assert rc == 1 and "no image sets at" in capsys.readouterr().err
     rc = main(["annotate", "prompts", "--prompt", "a cat", "--output-dir", str(tmp_path / "v"), "--backend", "local",

@@ -150,3 +150,18 @@ def test_vllm_backend_glue(monkeypatch):
     assert o.ok and o.result.scores == [42.0] and (o.prompt_tokens, o.completion_tokens) == (7, 3)
     conversations, params = calls["chat"]
     assert conversations == [req.messages] and params.temperature == 0.0 and params.max_tokens == 64
+
+
+def test_in_best_of_n_and_pair_mining(tmp_path):
+    """The judge as any other reward: best-of-N reranking and mined pairs (tiny SD pipeline)."""
+    from alignment.best_of_n import best_of_n
+    from alignment.pairs import mine_pairs
+    from alignment.tiny import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    reward = rp.create_reward("mllm-judge-tiny", dimensions=["aesthetic"])
+    res = best_of_n(pipe, ["a cat", "a dog"], reward, 3, num_inference_steps=2, batch_size=3)
+    assert res.scores.shape == (2, 3) and torch.isfinite(res.scores).all()
+    assert reward.cost.requests == 2  # one list-wise request of three images per prompt
+    pairs = mine_pairs(pipe, ["a cat", "a dog"], reward, 3, tmp_path / "pairs", num_inference_steps=2, batch_size=3)
+    assert pairs.num_prompts == 2 and pairs.num_pairs <= 2

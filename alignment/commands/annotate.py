@@ -14,6 +14,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import types
@@ -38,6 +39,14 @@ def _judge(args):
             opts.update(device=args.device, dtype=args.dtype, batch_size=args.batch_size, constrained=args.constrained)
     if args.max_images is not None:
         opts["max_images"] = args.max_images
+    for item in args.backend_option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--backend-option takes KEY=VALUE (VALUE as JSON, else a string); got {item!r}.")
+        try:
+            opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key] = value
     faithful = None if args.faithful is None else args.faithful == "faithful"
     return Judge(args.backend, args.templates, faithful=faithful, max_retries=args.max_retries,
                  max_new_tokens=args.max_new_tokens, backend_options=opts)
@@ -96,6 +105,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="local: requests per generate call")
     g.add_argument("--constrained", action="store_true", help="local: constrain annotation answers to their JSON format")
     g.add_argument("--max-images", dest="max_images", type=int, help="most images one request may carry (default 8)")
+    g.add_argument("--backend-option", dest="backend_option", action="append", metavar="KEY=VALUE",
+                   help="more backend options, e.g. tokenizer_mode=mistral max_model_len=32648 (vllm), "
+                        "max_retries=5 (http); repeatable")
     g.add_argument("--templates", help="path of LePref's annoutils.py to use its wording (read, never executed)")
     fg = g.add_mutually_exclusive_group()
     fg.add_argument("--faithful", dest="faithful", action="store_const", const="faithful",
