@@ -15,9 +15,10 @@ recorded request is repeated and none is lost. Failed requests stay recorded as 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,24 +99,36 @@ def _check_manifest(out: Path, settings: dict[str, Any]) -> None:
         os.replace(tmp, path)
 
 
-def _run_logged(judge: Judge, items: list[tuple[ChatRequest, dict[str, Any]]], out: Path, chunk: int,
-                retry_failed: bool, progress: bool) -> tuple[list[dict[str, Any]], Cost, int]:
-    """Send the requests not yet in the log, appending each chunk's records; returns every item's record."""
+Item = tuple[Callable[[], ChatRequest], dict[str, Any]]
+
+
+def _run_logged(judge: Judge, items: list[Item], out: Path, chunk: int, retry_failed: bool,
+                progress: bool) -> tuple[list[dict[str, Any]], Cost, int]:
+    """Send the requests not yet in the log, appending each chunk's records; returns every item's record.
+
+    Requests are built lazily from `items` (a builder and its metadata): once to learn each key, again just
+    before sending, so only a chunk's images are held encoded in memory at a time.
+    """
     from tqdm.auto import tqdm
 
     log = out / ANNOTATIONS
     done = read_log(log)
-    todo = [(r, meta) for r, meta in items
-            if r.key not in done or (retry_failed and not done[r.key].get("ok"))]
-    seen = set()
-    todo = [(r, m) for r, m in todo if not (r.key in seen or seen.add(r.key))]
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="annotate", unit="req", disable=not progress)
+    keys = [build().key for build, _ in items]
+    seen: set[str] = set()
+    todo = []
+    for i, key in enumerate(keys):
+        if key in seen or (key in done and not (retry_failed and not done[key].get("ok"))):
+            continue
+        seen.add(key)
+        todo.append(i)
+    bar = tqdm(total=len(set(keys)), initial=len(set(keys)) - len(todo), desc="annotate", unit="req",
+               disable=not progress)
     with open(log, "a", encoding="utf-8") as f:
         for s in range(0, len(todo), chunk):
             part = todo[s : s + chunk]
-            outcomes: list[Outcome] = judge.run([r for r, _ in part])
-            for (_, meta), o in zip(part, outcomes):
-                rec = {**meta, **o.to_dict()}
+            outcomes: list[Outcome] = judge.run([items[i][0]() for i in part])
+            for i, o in zip(part, outcomes):
+                rec = {**items[i][1], **o.to_dict()}
                 done[o.key] = rec
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
@@ -123,8 +136,8 @@ def _run_logged(judge: Judge, items: list[tuple[ChatRequest, dict[str, Any]]], o
             bar.update(len(part))
     bar.close()
     cost = Cost()
-    records = [done[r.key] for r, _ in items]
-    for rec in {r["key"]: r for r in records}.values():
+    records = [done[k] for k in keys]
+    for rec in {k: done[k] for k in keys}.values():
         cost.requests += 1
         cost.attempts += rec.get("attempts", 0)
         cost.prompt_tokens += rec.get("prompt_tokens", 0)
@@ -154,7 +167,7 @@ def annotate_prompts(judge: Judge, prompts: Sequence[str], output_dir: str | os.
             raise ValueError(f"template {t!r} is not a prompt template; choose among {list(PROMPT_TEMPLATES)}.")
     out = Path(output_dir)
     _check_manifest(out, _settings(judge, "prompts", {"template_types": list(templates), "num_prompts": len(prompts)}))
-    items = [(judge.request(t, p), {"prompt_index": i, "prompt": p})
+    items = [(functools.partial(judge.request, t, p), {"prompt_index": i, "prompt": p})
              for i, p in enumerate(prompts) for t in templates]
     records, cost, new = _run_logged(judge, items, out, chunk, retry_failed, progress)
     _summary(out, cost, new)
@@ -201,8 +214,8 @@ def annotate_image_sets(
     for s in sets:
         for dim in dimensions:
             for g in _groups(len(s.images), limit):
-                req = judge.request(f"annotation_{dim}", s.prompt, [s.images[i] for i in g])
-                items.append((req, {"prompt_index": s.prompt_index, "prompt": s.prompt, "dimension": dim,
+                build = functools.partial(judge.request, f"annotation_{dim}", s.prompt, [s.images[i] for i in g])
+                items.append((build, {"prompt_index": s.prompt_index, "prompt": s.prompt, "dimension": dim,
                                     "image_indices": g}))
     records, cost, new = _run_logged(judge, items, out, chunk, retry_failed, progress)
     scores = {}

@@ -79,6 +79,7 @@ def test_official_file_faithful_and_corrected(tmp_path):
     with pytest.raises(ValueError, match="choose faithful=True"):
         load_templates(path)
     faithful = load_templates(path, faithful=True)
+    assert faithful.quirks == quirks and faithful.faithful is True
     t = faithful["annotation_aesthetic"]
     assert t.system_text(4) == texts["annotation_aesthetic"]  # exactly the file's text: NUM left in
     assert "**NUM**" in t.system_text(4) and t.answer_key == "alignment"

@@ -160,6 +160,4 @@ def official_templates(path: str | Path, *, faithful: bool) -> TemplateSet:
                 notes = ("image count filled in (the file discards it)", *notes)
             out[name] = replace(base, system=fixed, answer_key=name.removeprefix("annotation_"), fill_placeholder=True,
                                 notes=notes)
-    ts = TemplateSet(out, str(path), faithful)
-    ts.quirks = quirks  # type: ignore[attr-defined]
-    return ts
+    return TemplateSet(out, str(path), faithful, quirks)

@@ -126,13 +126,14 @@ class Template:
 class TemplateSet(Mapping[str, Template]):
     """The eight templates by type name; unknown names raise with a did-you-mean hint."""
 
-    def __init__(self, templates: Mapping[str, Template], source: str, faithful: bool | None) -> None:
+    def __init__(self, templates: Mapping[str, Template], source: str, faithful: bool | None, quirks=None) -> None:
         missing = [t for t in TEMPLATE_TYPES if t not in templates]
         if missing:
             raise ValueError(f"template set from {source} lacks {missing}; every one of {list(TEMPLATE_TYPES)} is needed.")
         self._t = {k: templates[k] for k in TEMPLATE_TYPES}
         self.source = source
         self.faithful = faithful
+        self.quirks = quirks  # an official file's `OfficialQuirks` (None for ours)
 
     def __getitem__(self, name: str) -> Template:
         return self._t[check_template_type(name)]
