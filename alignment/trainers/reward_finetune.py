@@ -9,8 +9,11 @@ Methods (``method.name``):
 - ``draft``: DRaFT-K, backpropagate the reward through the last K sampling steps (K = 1 is often best).
 - ``draft-lv``: DRaFT-LV, K = 1 but the finished sample is re-noised n times (n = 2) and the last step
   redone each time; the reward is averaged over the n copies (lower-variance gradient).
-- ``alignprop``: random truncation, K drawn uniformly from a range each step (per-step checkpointing
-  keeps memory flat in K).
+- ``alignprop``: random truncation (per-step checkpointing keeps memory flat in K), K drawn once per
+  generation call: ``method.truncation: gaussian`` as the current official AlignProp code (cut-off step
+  t = int(x), x ~ N(42, 5), redrawn until 1 <= t < N, K = N − t: about 9 ± 5 of 50, never full backprop; the
+  AlignProp recipe's default) or ``uniform`` over ``truncation_range``. The first release's per-step
+  redraw of the cut-off is not offered (the gradient window here is always the last K steps).
 - ``refl``: ReFL, sample without gradients to a random step in [30, 39] of 40, one UNet call with
   gradients, decode its predicted x̂₀, loss ``relu(2 − r) · 1e-3``.
 
@@ -81,6 +84,7 @@ from .common import (
 )
 
 METHODS = ("rwr", "draft", "draft-lv", "alignprop", "refl")
+TRUNCATIONS = ("uniform", "gaussian")
 GRADIENT_METHODS = ("draft", "draft-lv", "alignprop", "refl")
 PRIOR_SOURCES = ("base", "samples")
 METRICS_FILE = "metrics.jsonl"
@@ -127,7 +131,13 @@ class MethodSection:
         name: one of ``rwr``, ``draft``, ``draft-lv``, ``alignprop``, ``refl``.
         k: DRaFT-K, the last k sampling steps keep their graph.
         lv_n: DRaFT-LV, re-noised copies of each sample.
-        truncation_range: AlignProp, [lo, hi] for K drawn uniformly each step (None: [1, num_steps]).
+        truncation: AlignProp's draw of K, once per generation call: ``"uniform"`` over `truncation_range`,
+            or ``"gaussian"``, the current official code's (`backprop_strategy='gaussian'`): the cut-off step
+            t = int(x) with x ~ N(`truncation_mean`, `truncation_std`) redrawn until 1 <= t < num_steps, and
+            K = num_steps − t.
+        truncation_range: AlignProp ``uniform``, [lo, hi] for K (None: [1, num_steps]).
+        truncation_mean, truncation_std: AlignProp ``gaussian``, the cut-off step's distribution in steps
+            (official: 42 and 5 of 50).
         refl_step_range: ReFL, [lo, hi] for the step whose x̂₀ is scored (None: [round(0.75 N), N − 1],
             i.e. [30, 39] for N = 40 steps as in ImageReward's ReFL).
         refl_target: ReFL's hinge: loss = relu(target − r) · refl_scale.
@@ -146,7 +156,10 @@ class MethodSection:
     name: str = "draft"
     k: int = count(1)
     lv_n: int = count(2)
+    truncation: str = "uniform"
     truncation_range: list[int] | None = None
+    truncation_mean: float = 42.0
+    truncation_std: float = 5.0
     refl_step_range: list[int] | None = None
     refl_target: float = 2.0
     refl_scale: float = 1e-3
@@ -242,6 +255,16 @@ def check_method(method: MethodSection, sampling: SamplingSection) -> None:
         if rng is not None and (len(rng) != 2 or not 0 <= rng[0] <= rng[1] or rng[1] >= n + (key == "truncation_range")):
             bound = f"1 <= lo <= hi <= {n}" if key == "truncation_range" else f"0 <= lo <= hi <= {n - 1}"
             raise ValueError(f"method.{key} must be [lo, hi] with {bound} (sampling.num_steps={n}); got {rng}.")
+    if method.truncation not in TRUNCATIONS:
+        raise ValueError(f"method.truncation must be one of {TRUNCATIONS}; got {method.truncation!r}.")
+    if method.name == "alignprop" and method.truncation == "gaussian":
+        if not method.truncation_std > 0:
+            raise ValueError(f"method.truncation_std must be > 0; got {method.truncation_std}.")
+        if not 1 <= method.truncation_mean < n:
+            raise ValueError(
+                f"method.truncation_mean={method.truncation_mean} is the mean cut-off step and must lie in [1, "
+                f"sampling.num_steps={n}) (official: 42 of 50 steps); lower it or raise sampling.num_steps."
+            )
     if method.truncation_range is not None and method.truncation_range[0] < 1:
         raise ValueError(f"method.truncation_range must start at >= 1 (K = 0 has no gradient); got {method.truncation_range}.")
     if method.rwr_weighting not in losses.RWR_WEIGHTINGS:
@@ -253,6 +276,25 @@ def check_method(method: MethodSection, sampling: SamplingSection) -> None:
     for key in ("prior_weight", "anchor_weight"):
         if getattr(method, key) < 0:
             raise ValueError(f"method.{key} must be >= 0; got {getattr(method, key)}.")
+
+
+def draw_truncation_k(method: MethodSection, num_steps: int, generator: torch.Generator) -> int:
+    """AlignProp's K (the last K of `num_steps` steps keep their graph), drawn as `method.truncation` says.
+
+    Example:
+        >>> draw_truncation_k(MethodSection(name="alignprop", truncation="gaussian"), 50, torch.Generator())
+        9
+    """
+    if method.truncation == "gaussian":
+        for _ in range(10_000):
+            # int() truncates towards zero, as the official code's int(Normal(mean, std).sample())
+            t = int(float(torch.normal(method.truncation_mean, method.truncation_std, (1,), generator=generator)))
+            if 1 <= t < num_steps:
+                return num_steps - t
+        raise ValueError(f"no cut-off step in [1, {num_steps}) drawn from N({method.truncation_mean}, "
+                         f"{method.truncation_std}); check method.truncation_mean against sampling.num_steps.")
+    lo, hi = method.truncation_range or (1, num_steps)
+    return int(torch.randint(lo, hi + 1, (1,), generator=generator))
 
 
 def read_prompts(inline: Sequence[str], path: str | None, what: str) -> list[str]:
@@ -515,8 +557,7 @@ class RewardFinetuner:
         if m.name == "draft":
             out = denoise(self.adapter, cond, uncond, grad_steps=m.k, **kw)
         elif m.name == "alignprop":
-            lo, hi = m.truncation_range or (1, s.num_steps)
-            k = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+            k = draw_truncation_k(m, s.num_steps, gen)
             stats["truncation_k"] = k
             out = denoise(self.adapter, cond, uncond, grad_steps=k, **kw)
         elif m.name == "refl":
