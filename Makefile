@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench parity clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) examples/benchmarks/score_throughput.py
+
+# Release check: our rewards against the official packages (hpsv2, image-reward, torchmetrics, transformers
+# 4.57/4.46, OpenAI clip), each in its own venv under .parity/ (never .venv: they need torchvision), on the
+# same random official-format checkpoints and PNGs. Needs PyPI and ../shared/data; see README "Parity".
+parity: $(STAMP)
+	bash parity/build_envs.sh
+	$(PY) parity/run.py
 
 clean:
 	rm -rf $(VENV) outputs

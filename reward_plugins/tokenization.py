@@ -152,6 +152,18 @@ def clip_token_ids(
     return torch.tensor([ids + [pad] * (max_length - len(ids)) for ids in rows], dtype=torch.long)
 
 
+def trim_after_eot(ids: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """`ids` (B, L) without the trailing columns that come after every row's first EOT.
+
+    For text towers pooled at EOT under a causal mask (CLIP), tokens after EOT never reach the pooled
+    feature, so the trimmed ids give the same embedding for a fraction of the work: most prompts are
+    far shorter than 77 tokens. A row without EOT (torchmetrics truncation) keeps the full length.
+    """
+    is_eot = ids == eot_id
+    first = torch.where(is_eot.any(-1), is_eot.int().argmax(-1) + 1, ids.shape[-1])
+    return ids[:, : int(first.max())]
+
+
 class PromptCache:
     """An LRU cache of per-prompt text features, keyed by (prompt, device, dtype, extra).
 
