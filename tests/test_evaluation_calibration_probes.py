@@ -133,3 +133,20 @@ def test_probes_report_known_directions_and_prompt_dependence(tmp_path):
     assert all(p.stat().st_size > 1000 for p in charts)
     with pytest.raises(ValueError, match="unknown probe"):
         run_probes(ref, rewards, ["channels:red"], edits=["posterize"])
+
+
+def test_best_of_n_output_is_a_reference_set(tmp_path):
+    from alignment.best_of_n import best_of_n
+    from alignment.report import write_report
+    from alignment.tiny import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(seed=0, sample_size=8)
+    res = best_of_n(pipe, ["a red cube", "a green ball"], ChannelReward(), n=3, k=1, num_inference_steps=2,
+                    progress=False)
+    write_report(res, tmp_path / "bon", save_images="all")
+    ref = load_preference_set(tmp_path / "bon")
+    assert ref.layout == "best-of-n" and len(ref.images) == 6 and ref.groups == ["a red cube", "a green ball"]
+    stats = calibration_stats(ref, load_rewards(["channels"], models={"channels": ChannelReward()}), progress=False)
+    expected = res.per_dim["red"].reshape(-1).double()
+    # the PNGs round to uint8: the mean moves by at most half a level
+    assert stats["rewards"]["channels"]["dimensions"]["red"]["mean"] == pytest.approx(float(expected.mean()), abs=0.5 / 255)

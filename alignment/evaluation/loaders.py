@@ -16,6 +16,7 @@ Layouts (what each official repository reads; see `LAYOUTS` for the detection si
 - ``pairs`` — a `reward-align pairs` directory (Pick-a-Pic columns, ``manifest.json``; alignment/pairs.py).
 - ``images`` — unlabelled images with prompts (generated samples), a reference set for calibration and
   the bias probes: a folder with ``prompts.txt``, or a JSONL of ``{"image", "prompt"}``.
+- ``best-of-n`` — a `reward-align best-of-n` output directory (its saved images and prompts), likewise.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ LAYOUTS: dict[str, str] = {
     "pairs": "a `reward-align pairs` output directory (manifest.json + data/*.parquet)",
     "images": "a reference set without labels (calibration, probes): a folder of images with prompts.txt "
               "(one line per image in file-name order, or one line for all), or a JSONL of {image, prompt}",
+    "best-of-n": "a `reward-align best-of-n` output directory (scores.json + images/prompt_XXXX_image_YY_*.png): "
+                 "generated images with their prompts, a reference set",
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Hub ids of the official sets, read through `datasets` (or huggingface_hub) from the local cache.
@@ -142,6 +145,8 @@ def detect_layout(path: str | os.PathLike) -> str:
                     return "pairs"
             except (json.JSONDecodeError, AttributeError):
                 pass
+        if (path / "scores.json").is_file() and (path / "images").is_dir():
+            return "best-of-n"
         for name in ("test.json", "ImageReward_test.json", "test.jsonl"):
             if (path / name).is_file():
                 return detect_layout(path / name)
@@ -397,6 +402,31 @@ def load_images_folder(path: str | os.PathLike, image_root: str | os.PathLike | 
     return b.build(str(path), "images", "exclude")
 
 
+def load_best_of_n(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> PreferenceSet:
+    """A `reward-align best-of-n` output: every saved image under its prompt (run it with
+    ``--save-images all`` to keep all N per prompt); no pairs, a reference set for calibration and probes."""
+    import re
+
+    path = Path(path)
+    doc = json.loads((path / "scores.json").read_text())
+    prompts = {int(p["prompt_index"]): p["prompt"] for p in doc.get("prompts", [])}
+    b = SetBuilder()
+    groups: dict[int, int] = {}
+    pattern = re.compile(r"prompt_(\d+)_image_(\d+)")
+    for f in sorted((path / "images").glob("*.png")):
+        m = pattern.match(f.name)
+        if m is None or int(m[1]) not in prompts:
+            continue
+        i = int(m[1])
+        if i not in groups:
+            groups[i] = b.group(prompts[i])
+        b.image(ImageRef.from_path(f), groups[i])
+    if not b.images:
+        raise ValueError(f"{path}/images holds no prompt_XXXX_image_YY PNG of the prompts in scores.json; run "
+                         "best-of-n with --save-images top_k or all.")
+    return b.build(str(path), "best-of-n", "exclude")
+
+
 def load_from_hub(name: str, image_root: str | os.PathLike | None = None) -> PreferenceSet:
     """An official set by hub id from the local `datasets` / huggingface_hub cache (offline-safe)."""
     repo, split = HUB[name]
@@ -427,6 +457,7 @@ LOADERS = {
     "imagereward": load_imagereward,
     "mhp": load_mhp,
     "images": load_images_folder,
+    "best-of-n": load_best_of_n,
 }
 
 
