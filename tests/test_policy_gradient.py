@@ -195,3 +195,16 @@ def test_grpo_on_tiny_flow_pipelines(family, kind, tmp_path):
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
     with pytest.raises(ValueError, match="use method.name=grpo"):
         PolicyGradientTrainer(_cfg(), reward=CenterBright(), output_dir=str(tmp_path), pipe=tiny_pipeline(family))
+
+
+@pytest.mark.parametrize("path", ["configs/sd15_ddpo_aesthetic.yaml", "configs/sd35m_grpo_lescore.yaml",
+                                  "configs/flux_grpo_lescore.yaml"])
+def test_real_recipes_load_and_validate(path, shared_data):
+    from alignment.trainers.policy_gradient import check_policy
+    from alignment.trainers.reward_finetune import read_prompts
+
+    cfg = load_config(PolicyGradientConfig, path)
+    prompts = read_prompts(cfg.data.prompts, cfg.data.prompts_file, "data.prompts")
+    check_policy(cfg.method, cfg.sampling, len(prompts))
+    assert (cfg.method.prompts_per_epoch * cfg.method.group_size) % 8 == 0  # laid out for 8 processes
+    assert cfg.method.name == ("ddpo" if "sd15" in path else "grpo")
