@@ -4,7 +4,8 @@ stated), calibration statistics for normalisation, and bias probes.
 One file per concern: `data` (the in-memory set), `loaders` (each official layout), `accuracy` (tie rules,
 protocols, bootstrap), `cache` (resumable scores), `scoring` (decoding workers, batched multi-reward
 scoring), `harness` (the accuracy run), `calibration`, `probes`, `oracle` (sets labelled by a known
-oracle), `published` (the numbers to compare with), `report` (JSON, markdown, charts).
+oracle), `toyworld` (the toy world's exact oracle as the truth), `published` (the numbers to compare
+with), `report` (JSON, markdown, charts).
 
 Example:
     >>> from alignment.evaluation import evaluate
