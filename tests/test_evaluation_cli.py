@@ -66,3 +66,16 @@ def test_results_json_is_strict(tmp_path):
 
     p = write_json({"acc": float("nan"), "rows": [{"v": float("inf"), "ok": 0.5}]}, tmp_path / "r.json")
     assert json.loads(p.read_text()) == {"acc": None, "rows": [{"v": None, "ok": 0.5}]}
+
+
+def test_eval_reward_tunes_the_pickscore_tie_threshold_on_validation(tmp_path, capsys):
+    val = write_pickapic(tmp_path / "val.parquet")
+    test = write_pickapic(tmp_path / "test.parquet", rows=[(200, 10, 1.0), (90, 90, 0.5)])
+    out = tmp_path / "o"
+    assert main(["eval-reward", "--reward", "aesthetic-tiny", "--dataset", str(test), "--tune-ties-on", str(val),
+                 "--output-dir", str(out), "--workers", "0", "--bootstrap", "0", "--no-progress"]) == 0
+    assert "tie thresholds (softmax probability) tuned on" in capsys.readouterr().out
+    rows = json.loads((out / "results.json").read_text())["results"][0]["rows"]
+    tuned = {r["rule"]: r["accuracy"]["tie_threshold"] for r in rows}
+    assert tuned["exclude"] == 0.0 and 0.0 <= tuned["pickscore"] <= 1.0
+    assert "softmax threshold tuned per reward" in (out / "accuracy.md").read_text()

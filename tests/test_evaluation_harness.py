@@ -227,9 +227,11 @@ def test_tie_threshold_tuned_on_validation_like_pickscore(tmp_path):
     rewards = load_rewards(["channels:red"], models={"channels": ChannelReward()})
     thresholds = tune_tie_thresholds(val, rewards, ["channels:red"], progress=False)
     assert thresholds == {"channels:red": 0.1}
-    res = evaluate_set(val, rewards, ["channels:red"], rules=(), tie_threshold=thresholds, bootstrap=0, progress=False)
+    res = evaluate_set(val, rewards, ["channels:red"], rules=("exclude",), pickscore_thresholds=thresholds,
+                       bootstrap=0, progress=False)
     acc = res.get("channels:red")
     assert acc.rule == "pickscore" and acc.tie_threshold == 0.1 and acc.value == 1.0
+    assert res.get("channels:red", "exclude").tie_threshold == 0.0   # other rules keep the score threshold
     assert evaluate_set(val, rewards, ["channels:red"], rules=(), bootstrap=0, progress=False).get("channels:red").value == 0.75
 
 

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     for ds in args.dataset:
         pset = loaders.load_preference_set(ds, args.layout, args.images)
         sets.append(pset.limit(args.limit) if args.limit else pset)
-    thresholds = args.tie_threshold
+    thresholds = None
     if args.tune_ties_on:
         val = loaders.load_preference_set(args.tune_ties_on, args.layout, args.images)
         thresholds = harness.tune_tie_thresholds(val, rewards, args.reward, batch_size=args.batch_size,
@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
         for note in pset.notes:
             print(f"  note: {note}")
         res = harness.evaluate_set(
-            pset, rewards, args.reward, rules, thresholds, args.tie_space, args.bootstrap, args.confidence,
-            args.seed, args.batch_size, args.workers, not args.no_progress, args.strict,
+            pset, rewards, args.reward, rules, args.tie_threshold, args.tie_space, args.bootstrap, args.confidence,
+            args.seed, args.batch_size, args.workers, not args.no_progress, args.strict, thresholds,
         )
         for what, items in (("missing", res.missing_images), ("unreadable", list(res.unreadable_images))):
             if items:
@@ -69,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
         md = ["# Pairwise accuracy", "", "Official protocol of each set, beside LeScore's published table:", "",
               lescore_table(results, multi), "", "Every rule (human ties excluded / counted as half / a 3-way "
               "prediction; a reward tie when |score difference| <= "
-              + (f"the threshold tuned per reward on {args.tune_ties_on}: {thresholds}" if args.tune_ties_on
-                 else f"{args.tie_threshold:g} on {args.tie_space}s") + "):", "", accuracy_table(results), ""]
+              f"{args.tie_threshold:g} on {args.tie_space}s"
+              + (f"; the pickscore protocol's softmax threshold tuned per reward on {args.tune_ties_on}: {thresholds}"
+                 if thresholds else "") + "):", "", accuracy_table(results), ""]
         (out / "accuracy.md").write_text("\n".join(md))
         accuracy_charts(results, out)
         print(lescore_table(results, multi, include_published=False))

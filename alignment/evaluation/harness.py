@@ -120,10 +120,9 @@ def check_prompts(pset: PreferenceSet, rewards: Mapping[str, LoadedReward]) -> N
 
 def evaluate_set(
     pset: PreferenceSet, rewards: Mapping[str, LoadedReward], specs: Sequence[str],
-    rules: Sequence[str] = RULES, tie_threshold: float | Mapping[str, float] = 0.0, tie_space: str = "score",
-    bootstrap: int = 1000,
+    rules: Sequence[str] = RULES, tie_threshold: float = 0.0, tie_space: str = "score", bootstrap: int = 1000,
     confidence: float = 0.95, seed: int = 0, batch_size: int = 16, workers: int = 0, progress: bool = True,
-    strict: bool = False,
+    strict: bool = False, pickscore_thresholds: Mapping[str, float] | None = None,
 ) -> EvalResult:
     """Score `pset` with every reward (shared decoding, cached) and measure every spec under every rule
     plus the set's official protocol.
@@ -133,9 +132,11 @@ def evaluate_set(
         rewards: {base name: LoadedReward} covering every spec's base.
         specs: ``NAME`` or ``NAME:DIMENSION`` per measured reward.
         rules: tie rules to report (`accuracy.RULES` or protocol names); the official protocol is added.
-        tie_threshold: a reward tie when |difference| <= this; one number, or one per spec (e.g. from
-            `tune_tie_thresholds` on a validation split, as PickScore's evaluation does).
+        tie_threshold: a reward tie when |difference| <= this (in `tie_space`).
         strict: a missing or unreadable image raises instead of being counted and left out.
+        pickscore_thresholds: per spec, the softmax tie threshold of the ``pickscore`` protocol (from
+            `tune_tie_thresholds` on a validation split, as PickScore's evaluation does); other rules keep
+            `tie_threshold`.
     """
     for r in rules:
         check_rule(r)
@@ -178,7 +179,9 @@ def evaluate_set(
             for rule in all_rules:
                 acc = None
                 if not skipped:
-                    thr = tie_threshold.get(spec, 0.0) if isinstance(tie_threshold, Mapping) else tie_threshold
+                    thr = tie_threshold
+                    if rule == "pickscore" and pickscore_thresholds and spec in pickscore_thresholds:
+                        thr = pickscore_thresholds[spec]
                     acc = pairwise_accuracy(first, second, pset.labels[dim], groups, rule, thr,
                                             tie_space, bootstrap, confidence, seed)
                 rows.append(AccuracyRow(spec, dim, rdim, rule, rule == official, acc, skipped))
