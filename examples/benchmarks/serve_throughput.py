@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     try:
         remote = rp.create_reward("remote", url=url, protocol=args.protocol, timeout_s=120)
-        run_clients(remote, images[:16], prompts[:16], 4, args.images_per_request)  # warm-up
+        warm = min(len(images), 4 * args.images_per_request)
+        run_clients(remote, images[:warm], prompts[:warm], 4, args.images_per_request)  # warm-up
         print(f"reward {args.reward}, {args.size}x{args.size} images, {args.images_per_request} image(s)/request, "
               f"protocol {args.protocol}, max batch {args.max_batch_size}, max wait {args.max_wait_ms} ms, "
               f"{args.threads} torch thread(s), server {'in-thread' if args.in_thread else 'process'}")
