@@ -208,3 +208,16 @@ def test_real_recipes_load_and_validate(path, shared_data):
     check_policy(cfg.method, cfg.sampling, len(prompts))
     assert (cfg.method.prompts_per_epoch * cfg.method.group_size) % 8 == 0  # laid out for 8 processes
     assert cfg.method.name == ("ddpo" if "sd15" in path else "grpo")
+
+
+def test_ema_is_updated_checkpointed_and_resumed(tmp_path):
+    full = PolicyGradientTrainer(_cfg("train.ema_decay=0.9"), reward=CenterBright(), output_dir=str(tmp_path / "a"))
+    full.train()
+    assert full.ema is not None and full.ema.num_updates == 2 * full.updates_per_epoch
+    PolicyGradientTrainer(_cfg("train.ema_decay=0.9", "train.max_steps=1"), reward=CenterBright(),
+                          output_dir=str(tmp_path / "b")).train()
+    resumed = PolicyGradientTrainer(_cfg("train.ema_decay=0.9"), reward=CenterBright(), output_dir=str(tmp_path / "b"))
+    resumed.train(resume=True)
+    assert resumed.ema.num_updates == full.ema.num_updates
+    for a, b in zip(full.ema.shadow, resumed.ema.shadow):
+        assert torch.equal(a, b)

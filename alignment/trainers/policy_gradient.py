@@ -48,7 +48,7 @@ import torch
 from reward_plugins.base import RewardModel
 
 from ..configs import save_config
-from ..pipelines import PipelineAdapter, PromptEmbeds
+from ..pipelines import PromptEmbeds
 from ..plots import plot_metrics
 from ..policy_losses import PerPromptStatTracker, group_advantages, ppo_clip_loss
 from ..sampling_logprob import Trajectory, denoiser_predictor, gaussian_kl, make_sampler, rollout, transition
@@ -58,15 +58,23 @@ from .common import (
     ModelSection,
     TrainSection,
     add_lora,
+    build_adapter,
     build_pipeline,
+    check_guidance_settings,
     check_sections,
     disabled_adapter,
+    drop_log_rows_after,
+    ema_weights,
     export_lora,
+    freeze_pipeline,
     latest_checkpoint,
     make_accelerator,
+    make_ema,
+    progress_bar,
     read_checkpoint_state,
     read_jsonl,
     register_trainable_state_hooks,
+    resume_tracker_kwargs,
     save_checkpoint,
     unwrap,
     weight_dtype_for,
@@ -315,13 +323,12 @@ class PolicyGradientTrainer:
         self.weight_dtype = weight_dtype_for(config.train.mixed_precision)
         if pipe is None:
             pipe = build_pipeline(config.model, device, self.weight_dtype)
-        else:
+        else:  # a caller's pipeline: keep its dtype, move it, freeze what is not trained
+            freeze_pipeline(pipe)
             pipe.to(device)
         self.pipe = pipe
-        self.adapter = PipelineAdapter(pipe)
-        for name in ("vae", *self.adapter.text_encoder_attrs):
-            if getattr(pipe, name, None) is not None:
-                getattr(pipe, name).requires_grad_(False)
+        self.adapter = build_adapter(pipe, config.model)
+        check_guidance_settings(self.adapter, {"sampling.guidance_scale": s.guidance_scale})
         is_flow = bool(getattr(self.adapter, "is_flow", False))
         if m.name == "ddpo" and is_flow:
             raise ValueError(
@@ -369,6 +376,9 @@ class PolicyGradientTrainer:
         register_trainable_state_hooks(acc)
         self.wrapped, self.optimizer = acc.prepare(denoiser, self.optimizer)
         acc.register_for_checkpointing(self.lr_scheduler)
+        # train.ema_decay > 0: an EMA of the trained weights for validation and the export; rollouts and the
+        # ratio always use the current policy (Flow-GRPO evaluates its EMA the same way)
+        self.ema = make_ema(acc, self.params, t)
         # Every call goes to the inner module (one backward per trained step, several per update, which DDP's
         # reducer does not allow); gradients are averaged over processes by hand before each update.
         self.model = unwrap(self.wrapped)
@@ -543,6 +553,8 @@ class PolicyGradientTrainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
         return float(grad_norm)
 
     def train_on(self, ro: Rollout, adv: torch.Tensor, valid: torch.Tensor, epoch: int) -> dict:
@@ -604,7 +616,11 @@ class PolicyGradientTrainer:
     @torch.no_grad()
     def validate(self) -> dict:
         """Training and evaluation rewards of deterministic samples (η = 0 / the ODE) of the validation
-        prompts with fixed seeds (`val/...`)."""
+        prompts with fixed seeds (`val/...`), with the EMA weights when ``train.ema_decay`` is set."""
+        with ema_weights(self.ema):
+            return self._validate()
+
+    def _validate(self) -> dict:
         acc = self.accelerator
         rank, world = acc.process_index, acc.num_processes
         mine = list(range(rank, len(self.val_prompts), world))
@@ -691,20 +707,17 @@ class PolicyGradientTrainer:
             state = read_checkpoint_state(path)
             self.tracker.load_state_dict(state.get("tracker", {}))
             self.nan_total = int(state.get("nan_total", 0))
-            if acc.is_main_process:
-                rows = [r for r in read_jsonl(self.logger.path) if r["step"] <= self.epoch]
-                self.logger.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            if acc.is_main_process:  # rows the interrupted run logged after its checkpoint are logged again
+                drop_log_rows_after(self.logger.path, self.epoch)
         else:
             if acc.is_main_process:
                 if self.logger.path.exists():
                     self.logger.path.unlink()
                 save_config(self.cfg, self.output_dir / "config.yaml")
         if acc.is_main_process and t.report_to == "tensorboard" and acc.log_with:
-            acc.init_trackers("policy_gradient")
+            acc.init_trackers("policy_gradient", init_kwargs=resume_tracker_kwargs(self.epoch))
         if self.epoch == 0 and t.validate_every:
             self._log(self.validate(), 0)
-        from .common import progress_bar
-
         bar = progress_bar(acc, t.max_steps, self.epoch, desc=f"{self.cfg.method.name} epochs")
         while self.epoch < t.max_steps:
             scalars = self.train_epoch()
@@ -721,10 +734,11 @@ class PolicyGradientTrainer:
         lora_path = None
         acc.wait_for_everyone()
         if acc.is_main_process:
-            if self.cfg.lora.enabled:
-                lora_path = export_lora(self.pipe, self.model, self.output_dir)
-            else:
-                self.model.save_pretrained(self.output_dir / self.adapter.denoiser_attr)
+            with ema_weights(self.ema):  # with train.ema_decay the exported model is the EMA
+                if self.cfg.lora.enabled:
+                    lora_path = export_lora(self.pipe, self.model, self.output_dir)
+                else:
+                    self.model.save_pretrained(self.output_dir / self.adapter.denoiser_attr)
         acc.end_training()
         if acc.is_main_process:
             plot_metrics(self.logger.path, CURVES, self.output_dir / "curves.png", title=f"policy gradient ({self.cfg.method.name})")
