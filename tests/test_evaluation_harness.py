@@ -246,3 +246,25 @@ def test_a_hub_snapshot_folder_reads_one_split_by_glob(tmp_path):
     assert run(str(data / "test_unique-*.parquet")).get("channels:red").value == pytest.approx(4 / 6)
     with pytest.raises(FileNotFoundError, match="no parquet file matches"):
         load_preference_set(str(data / "validation-*.parquet"))
+
+
+def test_mined_pairs_are_read_and_the_mining_reward_agrees_with_every_pair(tmp_path):
+    # Pairs written by `mine_pairs` are labelled by the reward that mined them (winner strictly better),
+    # so that reward agrees with them and its mirror does not (up to the PNG's uint8 rounding of near ties).
+    from alignment.pairs import mine_pairs
+    from alignment.tiny import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(seed=0, sample_size=8)
+    pipe.set_progress_bar_config(disable=True)
+    reward = ChannelReward()
+    mine_pairs(pipe, ["a cat", "a fox", "ramen"], reward, 3, tmp_path / "pairs", rule="composite",
+               pairs_per_prompt=None, num_inference_steps=1, batch_size=8, shard_size=1, progress=False)
+    assert detect_layout(tmp_path / "pairs") == "pairs"
+    res = run(tmp_path / "pairs", models={"channels": reward})
+    assert 6 <= res.dataset["pairs"] <= 9 and res.get("channels:red").value > 0.9
+
+    class Mirror(ChannelReward):
+        def compute(self, images, prompts):
+            return {k: -v for k, v in super().compute(images, prompts).items()}
+
+    assert run(tmp_path / "pairs", models={"channels": Mirror()}).get("channels:red").value < 0.1
