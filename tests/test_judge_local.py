@@ -165,3 +165,18 @@ def test_in_best_of_n_and_pair_mining(tmp_path):
     assert reward.cost.requests == 2  # one list-wise request of three images per prompt
     pairs = mine_pairs(pipe, ["a cat", "a dog"], reward, 3, tmp_path / "pairs", num_inference_steps=2, batch_size=3)
     assert pairs.num_prompts == 2 and pairs.num_pairs <= 2
+
+
+@pytest.mark.parametrize("faithful", [True, False])
+def test_official_templates_end_to_end(vlm_dir, tmp_path, faithful):
+    from judge_helpers import official_layout
+
+    path = official_layout(tmp_path / "annoutils.py")
+    judge = Judge(LocalBackend(str(vlm_dir), constrained=True), path, faithful=faithful, max_retries=0)
+    req = judge.request("annotation_aesthetic", "a cat", list(random_images(2, 32, 32)))
+    system = req.messages[0]["content"]
+    assert ("**NUM**" in system) == faithful and ("**2**" in system) != faithful
+    [o] = judge.run([req])
+    key = "alignment" if faithful else "aesthetic"  # what the (faithful: official) format asked for
+    assert o.ok and o.raw[0].startswith(f'{{"image_1":{{"{key}":') and o.result.key == key
+    assert o.result.dimension == "aesthetic" and len(o.result.scores) == 2
