@@ -112,3 +112,32 @@ def test_array_with_wrong_byte_count_is_refused():
     assert bad != good
     with pytest.raises(pickle.UnpicklingError, match="needs 12 bytes"):
         loads_plain(bad)
+
+
+def test_deep_nesting_is_refused_before_it_is_built():
+    # A million nested tuples in 1 MB: hashing one as a dict key would overflow the C stack.
+    bomb = b"\x80\x04}N" + b"\x85" * 1_000_000 + b"K\x01s."
+    with pytest.raises(pickle.UnpicklingError, match="nests deeper than 32"):
+        loads_plain(bomb)
+    nested = [1]
+    for _ in range(40):
+        nested = [nested]
+    with pytest.raises(pickle.UnpicklingError, match="nests deeper than 32"):
+        loads_plain(pickle.dumps({"images": nested}))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+def test_long_flat_containers_are_not_deep(protocol):
+    flat = {"prompts": [f"p{i}" for i in range(20_000)], "d": {i: i for i in range(5000)}}
+    assert loads_plain(pickle.dumps(flat, protocol=protocol)) == flat
+
+
+def test_too_many_opcodes_are_refused():
+    with pytest.raises(pickle.UnpicklingError, match="more than 200000 opcodes"):
+        loads_plain(pickle.dumps(list(range(250_000)), protocol=0))
+
+
+def test_an_old_protocol_instance_is_refused_as_a_global():
+    body = b"(cos\nsystem\nS'touch /tmp/x'\no."  # protocol 0 OBJ: MARK, class, args
+    with pytest.raises(RefusedGlobalError, match=r"refusing the global os\.system"):
+        loads_plain(body)

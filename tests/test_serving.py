@@ -229,6 +229,16 @@ def test_hostile_pickles_are_refused_nothing_runs_and_the_server_keeps_serving(s
     _still_serves(server)
 
 
+def test_a_nesting_bomb_is_refused_and_does_not_crash_the_server():
+    # One megabyte of TUPLE1 opcodes used as a dict key would overflow the C stack while unpickling.
+    bomb = b"\x80\x04}N" + b"\x85" * 1_000_000 + b"K\x01s."
+    big = ServeLimits(max_request_bytes=2_000_000)
+    with BackgroundServer(rp.create_reward("aesthetic-tiny"), limits=big) as s:
+        status, _, data = post(s.url, bomb)
+        assert status == 400 and "nests deeper than 32" in json.loads(data)["error"]
+        assert get(s.url, "/health")[0] == 200
+
+
 def _png_b64(h=32, w=32):
     return base64.b64encode(encode(random_images(1, h, w), "PNG")[0]).decode()
 

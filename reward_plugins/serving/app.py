@@ -23,11 +23,12 @@ from reward_plugins.base import RewardModel, RewardOutput
 
 from .batcher import DynamicBatcher, Overloaded
 from .limits import ServeLimits
-from .protocols import EXPECTED, PROTOCOLS, RequestError, decode_request, encode_answer
+from .protocols import EXPECTED, PROTOCOLS, RequestError, decode_request, detect_protocol, encode_answer
 
 logger = logging.getLogger("reward_plugins.serving")
 
-# Bodies up to this size are decoded on the event loop (well under a millisecond for a few small images).
+# Bodies up to this size are decoded on the event loop (well under a millisecond for a few small images),
+# except pickles: their opcode pre-scan is pure Python.
 INLINE_DECODE_BYTES = 256 * 1024
 
 
@@ -102,7 +103,7 @@ def create_app(reward: RewardModel, limits: ServeLimits | None = None, *, model:
             # Decoding (unpickling, JPEG/PNG) of large bodies runs off the event loop so it overlaps with
             # scoring; small ones are decoded inline, cheaper than a thread hop.
             ctype = request.headers.get("content-type")
-            if len(body) > INLINE_DECODE_BYTES:
+            if len(body) > INLINE_DECODE_BYTES or (body and detect_protocol(ctype, body) == "pickle"):
                 req = await run_in_threadpool(decode_request, body, ctype, limits)
             else:
                 req = decode_request(body, ctype, limits)

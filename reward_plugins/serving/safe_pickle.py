@@ -25,6 +25,7 @@ import _compat_pickle
 import io
 import math
 import pickle
+import pickletools
 from typing import Any
 
 import numpy as np
@@ -42,7 +43,8 @@ PLAIN_TYPES_HELP = (
 _ALLOWED_KINDS = frozenset("biufcSU")
 _NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric", "numpy._core.numeric")
 _MAX_NODES = 1_000_000  # containers and arrays walked after loading (a nested-reference bomb stops here)
-_MAX_DEPTH = 64
+_MAX_DEPTH = 32  # nesting of containers; real request bodies nest 2-5 deep
+_MAX_OPCODES = 200_000  # a flow_grpo body needs a few per image
 
 
 def _refuse(what: str) -> RefusedGlobalError:
@@ -219,6 +221,73 @@ class PlainUnpickler(pickle.Unpickler):
         raise _refuse("a persistent id")
 
 
+# Opcodes that add items to the container below them on the stack: the container keeps its place and
+# its depth only grows to cover what was added (a 10 000-item list is not 10 000 deep).
+_MODIFIERS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
+_MARK = -1
+
+
+def _prescan(data: bytes) -> None:
+    """Bound the opcode count and the nesting depth before anything is built.
+
+    A few bytes of ``TUPLE1`` opcodes nest a million tuples deep, and hashing such a key (which the
+    unpickler does for every dict key) overflows the C stack and kills the process. So the opcode stream
+    is simulated first, tracking how deep each stack item nests, and refused past `_MAX_DEPTH`.
+    """
+    stack: list[int] = []
+    memo: dict[Any, int] = {}
+
+    def pop_to_mark() -> list[int]:
+        i = len(stack) - 1 - stack[::-1].index(_MARK)
+        items = stack[i + 1 :]
+        del stack[i:]
+        return items
+
+    try:
+        for n, (op, arg, _) in enumerate(pickletools.genops(data)):
+            if n >= _MAX_OPCODES:
+                raise pickle.UnpicklingError(f"the pickle has more than {_MAX_OPCODES} opcodes; request bodies need far fewer.")
+            name = op.name
+            if name in ("PROTO", "FRAME"):
+                continue
+            if name == "STOP":
+                return
+            if name == "MARK":
+                stack.append(_MARK)
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = stack[-1]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack[-1]
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo.get(arg, 0))
+            elif name == "DUP":
+                stack.append(stack[-1])
+            elif name == "POP_MARK":
+                pop_to_mark()
+            else:
+                before = op.stack_before
+                if pickletools.markobject in before:
+                    # Everything after the mark (OBJ's class included) is one slice; items below it pop singly.
+                    popped = pop_to_mark()
+                    below = before.index(pickletools.markobject)
+                else:
+                    popped, below = [], len(before)
+                for _ in range(below):
+                    popped.insert(0, stack.pop())
+                if _MARK in popped:
+                    raise pickle.UnpicklingError(f"malformed pickle: {name} at a MARK.")
+                if name in _MODIFIERS:
+                    depth = max(popped[0], 1 + max(popped[1:], default=0))
+                else:
+                    depth = 1 + max(popped) if popped else 0
+                if depth > _MAX_DEPTH:
+                    raise pickle.UnpicklingError(f"the pickle nests deeper than {_MAX_DEPTH} levels; request bodies nest a few.")
+                stack.extend([depth] * len(op.stack_after))
+    except (ValueError, IndexError) as e:  # genops on a truncated stream; pops past the bottom
+        raise pickle.UnpicklingError(f"not a well-formed pickle ({type(e).__name__}: {e}).") from None
+    raise pickle.UnpicklingError("not a well-formed pickle (no STOP opcode).")
+
+
 def _finish(obj: Any) -> Any:
     """Swap pending arrays for real ones, everywhere in the loaded tree (shared references visited once)."""
     seen: dict[int, Any] = {}
@@ -264,10 +333,10 @@ def loads_plain(data: bytes) -> Any:
         RefusedGlobalError: the pickle names a class or callable outside the allow-list (nothing ran).
         pickle.UnpicklingError: the bytes are not a well-formed pickle of allowed values.
     """
+    _prescan(data)
     try:
-        obj = PlainUnpickler(io.BytesIO(data)).load()
+        return _finish(PlainUnpickler(io.BytesIO(data)).load())
     except pickle.UnpicklingError:
         raise
     except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, MemoryError) as e:
         raise pickle.UnpicklingError(f"not a well-formed pickle ({type(e).__name__}: {e}).") from None
-    return _finish(obj)
