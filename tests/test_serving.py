@@ -250,6 +250,7 @@ def _png_b64(h=32, w=32):
         (b"hello there", None, 400, "cannot tell which protocol"),
         (b"x", "text/plain", 415, "unsupported Content-Type 'text/plain'"),
         (b"{not json", "application/json", 400, "malformed JSON"),
+        (b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "application/json", 400, "malformed JSON"),
         (b'{"prompts": ["a"]}', "application/json", 400, "must be an object with 'images'"),
         (b'{"images": [], "prompts": []}', "application/json", 400, "'images' is empty"),
         (b'{"images": ["%%%"], "prompts": ["a"]}', "application/json", 400, r"images\[0\] is not valid base64"),

@@ -219,7 +219,7 @@ def _decode_pickle(body: bytes, limits: ServeLimits) -> tuple[list[torch.Tensor]
 def _decode_json(body: bytes, limits: ServeLimits) -> tuple[list[torch.Tensor], list[str] | None]:
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise RequestError(400, f"malformed JSON body: {e}. Expected: {EXPECTED}.") from None
     if not isinstance(data, dict) or "images" not in data:
         raise RequestError(400, "the JSON body must be an object with 'images' (a list of base64 PNG/JPEG strings) "
@@ -253,7 +253,7 @@ def _decode_safetensors(body: bytes, limits: ServeLimits) -> tuple[list[torch.Te
     try:
         header = json.loads(body[8 : 8 + header_len])
         tensors = load(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, SafetensorError, ValueError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, SafetensorError, ValueError) as e:
         raise RequestError(400, f"malformed safetensors body: {e}. Expected: {EXPECTED}.") from None
     if "images" not in tensors:
         raise RequestError(400, f"the safetensors body has tensors {sorted(tensors)}; expected one named 'images'.")
