@@ -116,23 +116,26 @@ def diffusion_dpo_loss(
 # 2. Reward fine-tuning
 # ---------------------------------------------------------------------------------------------------
 
-RWR_WEIGHTINGS = ("softmax", "exp")
+RWR_WEIGHTINGS = ("softmax", "exp", "raw")
 
 
 def rwr_weights(
     rewards: torch.Tensor, temperature: float = 1.0, mode: str = "softmax", clip: float | None = 10.0
 ) -> torch.Tensor:
-    """Per-sample weights for reward-weighted regression (Lee et al. 2023), detached and averaging 1.
+    """Per-sample weights for reward-weighted denoising losses, detached.
 
-    ``softmax``: ``B · softmax(r / τ)`` over the batch (the batch's share of the weight goes to its best
-    samples). ``exp``: ``exp((r − mean(r)) / τ)`` clipped at `clip`, then divided by its mean. Scaling to a
-    mean of 1 keeps the weighted loss on the scale of the ordinary denoising loss, so learning rates carry
-    over from plain fine-tuning.
+    ``raw``: the reward itself, ``max(r, 0)``, not normalised: Lee et al. 2023's reward-weighted likelihood
+    (their rewards are probabilities in [0, 1]; negative rewards weigh nothing). ``softmax``:
+    ``B · softmax(r / τ)`` over the batch, the exponentiated-reward weighting of reward-weighted regression
+    (Peters & Schaal 2007) normalised within each batch. ``exp``: ``exp((r − mean(r)) / τ)`` clipped at
+    `clip`, then divided by its mean: advantage-weighted regression (Peng et al. 2019) with the batch mean
+    as the baseline. Neither batch-normalised form is Lee et al.'s; scaling them to a mean of 1 keeps the
+    loss on the scale of the ordinary denoising loss, so learning rates carry over from plain fine-tuning.
 
     Args:
         rewards: (B,) rewards, higher is better.
         temperature: τ > 0; smaller concentrates the weight on the best samples.
-        mode: ``"softmax"`` or ``"exp"``.
+        mode: ``"raw"``, ``"softmax"`` or ``"exp"``.
         clip: upper bound on the unnormalised exponential weight (``exp`` mode; None: no clipping).
 
     Example:
@@ -146,6 +149,8 @@ def rwr_weights(
     if rewards.ndim != 1 or rewards.numel() == 0:
         raise ValueError(f"rewards must be a non-empty (B,) tensor; got shape {tuple(rewards.shape)}.")
     r = rewards.detach().float()
+    if mode == "raw":
+        return r.clamp(min=0)
     if mode == "softmax":
         return torch.softmax(r / temperature, dim=0) * r.numel()
     w = torch.exp((r - r.mean()) / temperature)
@@ -212,9 +217,10 @@ def refl_loss(rewards: torch.Tensor, target: float = 2.0, scale: float = 1e-3) -
 
 
 def anchor_l2(pred: torch.Tensor, base_pred: torch.Tensor) -> torch.Tensor:
-    """L2 anchor to the base model: ``mean ‖ε_θ − ε_base‖²``. For Gaussian denoising steps with a shared
-    variance the KL between the tuned and base transitions is this distance times a per-step constant,
-    so the same term serves as the KL anchor. `base_pred` is treated as a constant.
+    """L2 anchor to the base model: ``mean ‖ε_θ − ε_base‖²`` over the steps that keep gradients. It is not a
+    KL: a deterministic sampler (DDIM η = 0) has no transition density to compare, and for a stochastic one
+    the per-step Gaussian KL would weigh each step's distance by that step's own variance. `base_pred` is
+    treated as a constant.
 
     Example:
         >>> anchor_l2(torch.ones(1, 4), torch.zeros(1, 4))

@@ -75,11 +75,12 @@ def test_each_method_raises_the_training_reward_and_logs_the_eval_reward(trained
     assert end > start + 0.05, (method, start, end)
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 16))
+    pre = "x0/" if method == "refl" else ""  # ReFL's training rewards score the one-step x̂0
     for r in steps:
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])
-        assert math.isfinite(r["rewards/aesthetic-tiny/mean"])
+        assert math.isfinite(r[f"{pre}rewards/aesthetic-tiny/mean"])
         # The held-out evaluation reward is scored on the same samples at every step...
-        assert math.isfinite(r["rewards/eval/hpsv2-tiny/mean"])
+        assert math.isfinite(r[f"{pre}rewards/eval/hpsv2-tiny/mean"])
     # ...and on the validation prompts.
     assert all(math.isfinite(r["val/rewards/eval/hpsv2-tiny/mean"]) for r in val)
     assert summary["step"] == 15 and Path(summary["lora"]).is_file()
@@ -193,7 +194,7 @@ def test_rwr_trains_on_a_non_differentiable_reward_with_prior_and_anchor(tmp_pat
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
     assert "rewards/brightness/mean" in rows[0]
     # LoRA starts at the base model (B = 0), so the anchor is 0 before the first update and > 0 after.
-    assert rows[0]["anchor"] == 0.0 and rows[1]["anchor"] > 0.0
+    assert rows[0]["anchor_l2"] == 0.0 and rows[1]["anchor_l2"] > 0.0
 
 
 def test_sdxl_draft_with_anchor_and_composite_reward(tmp_path):
@@ -203,7 +204,7 @@ def test_sdxl_draft_with_anchor_and_composite_reward(tmp_path):
     trainer = RewardFinetuner(cfg)
     trainer.train()
     rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
-    assert {"rewards/aesthetic-tiny/mean", "rewards/pickscore-tiny/mean", "anchor"} <= set(rows[-1])
+    assert {"rewards/aesthetic-tiny/mean", "rewards/pickscore-tiny/mean", "anchor_l2"} <= set(rows[-1])
     # Per-term normalisation set each term's shift/scale from the first batch.
     assert all(t.scale != 1.0 and t.shift != 0.0 for t in trainer.reward.terms)
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()

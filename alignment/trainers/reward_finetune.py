@@ -3,9 +3,15 @@ several GPUs): reward-weighted regression and reward-gradient methods.
 
 Methods (``method.name``):
 
-- ``rwr``: generate without gradients, score, then the ordinary denoising loss on the samples weighted
-  per sample by ``softmax(r/τ)`` or clipped ``exp((r − mean)/τ)`` (Lee et al. 2023), with an optional
-  unweighted prior term. Any reward works, differentiable or not.
+- ``rwr``: generate without gradients, score, then the ordinary denoising loss on the samples weighted per
+  sample, with an optional unweighted prior term; any reward works, differentiable or not. Weightings
+  (``method.rwr_weighting``, see `alignment.losses.rwr_weights`): ``raw`` is Lee et al. 2023's
+  reward-weighted likelihood (the reward itself, in [0, 1], as the weight), used with ``rwr_samples: base``
+  (samples of the frozen base model, standing in for their offline set generated once by the pretrained
+  model) and ``prior_weight`` > 0 (their pre-training term; here on base-model samples, not real
+  pre-training data); ``softmax`` (batch-normalised exp(r/τ)) and ``exp`` (clipped exp((r − mean)/τ),
+  advantage-weighted regression, Peng et al. 2019) are online variants on the policy's own samples that
+  Lee et al. do not use.
 - ``draft``: DRaFT-K, backpropagate the reward through the last K sampling steps (K = 1 is often best).
 - ``draft-lv``: DRaFT-LV, K = 1 but the finished sample is re-noised n times (n = 2) and the last step
   redone each time; the reward is averaged over the n copies (lower-variance gradient).
@@ -25,8 +31,11 @@ anchor to the base UNet (adapter disabled) limits drift, and gradients are clipp
 
 Logged scalars (tensorboard and ``metrics.jsonl``): ``loss``, ``reward/mean`` (the objective),
 ``rewards/<term>/mean`` (each training term), ``rewards/eval/<term>/mean`` (evaluation reward on the
-same samples), ``val/...`` (the same on fixed validation prompts and seeds), ``anchor``, ``grad_norm``,
-``lr``, ``diversity/pixel_std``.
+same samples), ``val/...`` (the same on final images of fixed validation prompts and seeds: the numbers to
+compare across methods), ``anchor_l2``, ``grad_norm``, ``lr``, ``samples/pixel_std_across_batch`` (pixel
+spread across a micro-batch's samples, which have different prompts: not per-prompt diversity). ReFL's
+training rewards score its one-step x̂₀, not a final image, so they are logged as ``x0/reward/mean``,
+``x0/rewards/...`` and are not comparable with the other methods' ``reward/mean``.
 
 Example:
     >>> cfg = load_config(RewardFinetuneConfig, "configs/tiny/reward_draft.yaml")
@@ -87,10 +96,11 @@ METHODS = ("rwr", "draft", "draft-lv", "alignprop", "refl")
 TRUNCATIONS = ("uniform", "gaussian")
 GRADIENT_METHODS = ("draft", "draft-lv", "alignprop", "refl")
 PRIOR_SOURCES = ("base", "samples")
+RWR_SAMPLES = ("policy", "base")
 METRICS_FILE = "metrics.jsonl"
 # Drawn into <output_dir>/curves.png at the end: the training reward per step, on the fixed validation
 # prompts, and the held-out evaluation reward.
-CURVES = ("reward/mean", "val/reward/mean", "rewards/eval/mean")
+CURVES = ("reward/mean", "x0/reward/mean", "val/reward/mean", "rewards/eval/mean", "x0/rewards/eval/mean")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,14 +153,19 @@ class MethodSection:
         refl_target: ReFL's hinge: loss = relu(target − r) · refl_scale.
         refl_scale: ReFL's gradient scale (1e-3 in the official script).
         reward_scale: DRaFT / AlignProp: loss = −reward_scale · r.
-        rwr_weighting: ``softmax`` (over the batch) or ``exp`` (clipped).
-        rwr_temperature: τ in both weightings.
+        rwr_weighting: ``raw`` (Lee et al. 2023: the reward as the weight), ``softmax`` (over the batch) or
+            ``exp`` (clipped, AWR-style); see `alignment.losses.rwr_weights`.
+        rwr_temperature: τ in ``softmax`` and ``exp``.
         rwr_clip: upper bound of the exponential weight (``exp``).
+        rwr_samples: where RWR's samples come from: ``policy`` (the model being trained, online) or
+            ``base`` (the frozen base model, Lee et al.'s offline set).
         prior_weight: RWR's unweighted prior term λ (0 disables).
         prior_source: ``base`` (fresh samples of the base model, adapter off) or ``samples`` (the same
             samples, unweighted).
-        anchor_weight: L2 anchor to the base UNet's predictions (0 disables): for Gaussian steps with a
-            shared variance this is the KL between tuned and base transitions up to a per-step constant.
+        anchor_weight: weight of an L2 anchor, the mean squared difference between the trained and the base
+            model's predictions on the steps that keep gradients (0 disables), logged as ``anchor_l2``. It is
+            not a KL: with DDIM η = 0 there is no transition density, and for stochastic samplers the per-step
+            Gaussian KL would weigh each step by its own variance.
     """
 
     name: str = "draft"
@@ -167,6 +182,7 @@ class MethodSection:
     rwr_weighting: str = "softmax"
     rwr_temperature: float = 1.0
     rwr_clip: float | None = 10.0
+    rwr_samples: str = "policy"
     prior_weight: float = 0.0
     prior_source: str = "base"
     anchor_weight: float = 0.0
@@ -271,6 +287,8 @@ def check_method(method: MethodSection, sampling: SamplingSection) -> None:
         raise ValueError(f"method.rwr_weighting must be one of {losses.RWR_WEIGHTINGS}; got {method.rwr_weighting!r}.")
     if not method.rwr_temperature > 0:
         raise ValueError(f"method.rwr_temperature must be > 0; got {method.rwr_temperature}.")
+    if method.rwr_samples not in RWR_SAMPLES:
+        raise ValueError(f"method.rwr_samples must be one of {RWR_SAMPLES}; got {method.rwr_samples!r}.")
     if method.prior_source not in PRIOR_SOURCES:
         raise ValueError(f"method.prior_source must be one of {PRIOR_SOURCES}; got {method.prior_source!r}.")
     for key in ("prior_weight", "anchor_weight"):
@@ -582,13 +600,14 @@ class RewardFinetuner:
             loss = losses.draft_loss(r.scores, m.reward_scale)
         if out.anchor is not None:
             loss = loss + m.anchor_weight * out.anchor
-            stats["anchor"] = float(out.anchor.detach())
-        stats.update(self._reward_stats(r.detach().per_dim, r.scores.detach()))
+            stats["anchor_l2"] = float(out.anchor.detach())
+        # ReFL scores a one-step x̂0, not a final image: its numbers get their own names (see the docstring).
+        stats.update(self._reward_stats(r.detach().per_dim, r.scores.detach(), self._train_prefix()))
         return loss, stats, images.detach(), prompts
 
     def _rwr_step(self, prompts, gen, step, micro, ref):
         m = self.cfg.method
-        latents, images = self.generate(prompts, gen)
+        latents, images = self.generate(prompts, gen, base=m.rwr_samples == "base")
         with torch.no_grad():
             r = self.reward(images, prompts)
         weights = losses.rwr_weights(r.scores, m.rwr_temperature, m.rwr_weighting, m.rwr_clip)
@@ -609,7 +628,7 @@ class RewardFinetuner:
                 base_pred = ref(*base_in).float()
             anchor = losses.anchor_l2(pred, base_pred)
             loss = loss + m.anchor_weight * anchor
-            stats["anchor"] = float(anchor.detach())
+            stats["anchor_l2"] = float(anchor.detach())
         stats.update(self._reward_stats(r.per_dim, r.scores))
         return loss, stats, images, prompts
 
@@ -626,6 +645,9 @@ class RewardFinetuner:
         pred = ad.unet(x, t, cond, unet=self.model).float()
         target = ad.target(latents.float(), noise, t)
         return pred, target, (x, t, cond)
+
+    def _train_prefix(self) -> str:
+        return "x0/" if self.cfg.method.name == "refl" else ""
 
     def _reward_stats(self, per_dim: dict, scores: torch.Tensor, prefix: str = "") -> dict:
         stats = {f"{prefix}reward/mean": float(scores.float().mean())}
@@ -709,8 +731,9 @@ class RewardFinetuner:
             loss, stats, images, prompts = self._micro_step(self.step, micro)
             acc.backward(loss)  # divides by gradient_accumulation_steps
             stats["loss"] = float(loss.detach())
-            stats["diversity/pixel_std"] = float(images.float().std(0).mean()) if images.shape[0] > 1 else 0.0
-            stats.update(self._eval_stats(images, prompts))
+            # Spread across the micro-batch (different prompts), not per-prompt diversity: named for what it is.
+            stats["samples/pixel_std_across_batch"] = float(images.float().std(0).mean()) if images.shape[0] > 1 else 0.0
+            stats.update(self._eval_stats(images, prompts, self._train_prefix()))
             for k, v in stats.items():
                 scalars[k] = scalars.get(k, 0.0) + v / t.gradient_accumulation_steps
         self._sync_gradients()
