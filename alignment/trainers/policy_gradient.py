@@ -481,7 +481,9 @@ class PolicyGradientTrainer:
             # starting noise per sample index: the same samples whatever the batch split
             x0 = torch.cat([torch.randn(1, *self._latent_shape(), generator=_generator(self.cfg.train.seed, epoch, k, 0, 2))
                             for k in idx]).to(acc.device)
-            gen = _generator(self.cfg.train.seed, epoch, acc.process_index, b0, 3)
+            # step noise seeded by the batch's first global sample index: with batches that align, the rollouts
+            # do not depend on the number of processes
+            gen = _generator(self.cfg.train.seed, epoch, idx[0], 0, 3)
             traj = rollout(self.sampler, self._predictor(self.model, cond, uncond), x0, gen, stochastic=mask)
             trajs.append(traj)
             images.append(self.adapter.decode(traj.final).float())
