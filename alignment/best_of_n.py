@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,12 @@ def pipeline_device(pipe) -> torch.device:
     if dev is None:
         dev = pipe.device
     return torch.device(dev)
+
+
+def pipeline_dtype(pipe) -> str:
+    """The pipeline's dtype as a name ('float32', 'bfloat16' ...): diffusers draws the initial noise in it, so
+    a replay in another dtype gives another image."""
+    return str(getattr(pipe, "dtype", torch.float32)).removeprefix("torch.")
 
 
 def _canonical(device: torch.device) -> tuple[str, int]:
@@ -199,6 +206,13 @@ class BestOfNResult:
                 f"(prompt_index, image_index) must be within ({len(self.prompts)}, {self.n}); "
                 f"got ({prompt_index}, {image_index})."
             )
+        recorded, now = self.settings.get("dtype"), pipeline_dtype(pipe)
+        if recorded is not None and recorded != now:
+            warnings.warn(
+                f"this result was sampled in {recorded} but the pipeline is now {now}: the initial noise is drawn in "
+                f"the pipeline's dtype, so the replayed image differs. Use pipe.to(dtype=torch.{recorded}).",
+                stacklevel=2,
+            )
         jobs = [(prompt_index, image_index)]
         if exact:
             jobs = next(b for b in self.batches if (prompt_index, image_index) in b)
@@ -297,7 +311,7 @@ def best_of_n(
         raise ValueError(f"prompt_indices has {len(prompt_indices)} entries for {len(prompts)} prompts.")
 
     settings = {
-        "pipeline_class": type(pipe).__name__, "family": family,
+        "pipeline_class": type(pipe).__name__, "family": family, "dtype": pipeline_dtype(pipe),
         "pipeline": str(getattr(getattr(pipe, "config", {}), "_name_or_path", "") or ""),
         "scheduler": type(pipe.scheduler).__name__, "num_inference_steps": int(num_inference_steps),
         "guidance_scale": float(guidance_scale), "height": height, "width": width, "seed": int(seed), "n": n,

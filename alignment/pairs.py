@@ -22,6 +22,10 @@ size, a readable parquet footer and its recorded row count, or its block is mine
 A directory whose run finished no block (it failed before its first shard) is not a run to protect: a rerun
 with other settings replaces its manifest.
 
+Scores: with ``image_format='jpeg'`` every image is encoded, decoded and scored again before pairs are chosen,
+so the stored scores, margins and labels describe the stored (lossy) images (a JPEG can flip a pair with a
+small margin); PNG stores the generated images up to uint8 rounding and keeps their scores.
+
 Several GPUs: pass an accelerate `Accelerator`; prompts are split across processes with
 `accelerator.split_between_processes`, each process writes its own shard set, and the main process writes
 the summary.
@@ -138,6 +142,38 @@ def encode_image(image: torch.Tensor, image_format: str = "png", quality: int = 
     return buf.getvalue()
 
 
+def _decode_image(raw: bytes) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    arr = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"), dtype=np.uint8).copy()
+    return torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+
+
+def _encode_and_rescore(res, reward, image_format: str, jpeg_quality: int, batch_size: int) -> list[list[bytes]]:
+    """Every image of a block encoded as it will be stored; with a lossy format (JPEG) the images are decoded
+    again and re-scored, overwriting `res.scores` / `res.per_dim`, so pairs are chosen, labelled and stored with
+    the scores of the images a trainer will read (a JPEG can flip a pair whose margin is small). PNG is
+    lossless up to the uint8 rounding every saved image has, and keeps the scores of the generated images."""
+    P, N = res.scores.shape
+    encoded = [[encode_image(res.images[i, j], image_format, jpeg_quality) for j in range(N)] for i in range(P)]
+    if image_format != "jpeg":
+        return encoded
+    jobs = [(i, j) for i in range(P) for j in range(N)]
+    device = torch.device(reward.device)
+    for s in range(0, len(jobs), batch_size):
+        chunk = jobs[s : s + batch_size]
+        images = torch.stack([_decode_image(encoded[i][j]) for i, j in chunk]).to(device)
+        with torch.no_grad():
+            out = reward.score(images, [res.prompts[i] for i, _ in chunk])
+        for b, (i, j) in enumerate(chunk):
+            res.scores[i, j] = float(out.scores[b])
+            for d, v in out.per_dim.items():
+                if d in res.per_dim:
+                    res.per_dim[d][i, j] = float(v[b])
+    return encoded
+
+
 def _column(dim: str) -> str:
     # Composite dimension names look like 'lescore:fidelity'; keep column names plain identifiers.
     return "score_" + re.sub(r"[^0-9A-Za-z_]+", "_", dim)
@@ -230,7 +266,8 @@ def _settings(pipe, prompts, reward, n, rule, dimension, margin, shard_size, see
         "shard_size": shard_size, "seed": seed, "num_inference_steps": int(num_inference_steps),
         "guidance_scale": float(guidance_scale), "height": height, "width": width, "image_format": image_format,
         "jpeg_quality": jpeg_quality if image_format == "jpeg" else None, "shuffle_slots": bool(shuffle_slots),
-        "pipeline_class": type(pipe).__name__,
+        "pipeline_class": type(pipe).__name__, "dtype": str(getattr(pipe, "dtype", "")).removeprefix("torch."),
+        "scores_after_encoding": image_format == "jpeg",
         "pipeline": str(getattr(getattr(pipe, "config", {}), "_name_or_path", "") or ""),
         "scheduler": type(pipe.scheduler).__name__,
         "reward": getattr(reward, "name", type(reward).__name__), "reward_dimensions": list(reward.dimensions),
@@ -478,6 +515,7 @@ def mine_pairs(
                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
                 progress=False, keep_images=True, pipeline_kwargs=pipeline_kwargs, prompt_indices=block,
             )
+            encoded = _encode_and_rescore(res, reward, image_format, jpeg_quality, batch_size)
             rows = []
             for local, gi in enumerate(block):
                 per = {d: v[local] for d, v in res.per_dim.items()}
@@ -489,8 +527,7 @@ def mine_pairs(
                     a, c = (lose, win) if swap else (win, lose)
                     row = {
                         "caption": prompts[gi],
-                        "jpg_0": encode_image(res.images[local, a], image_format, jpeg_quality),
-                        "jpg_1": encode_image(res.images[local, c], image_format, jpeg_quality),
+                        "jpg_0": encoded[local][a], "jpg_1": encoded[local][c],
                         "label_0": 0.0 if swap else 1.0, "label_1": 1.0 if swap else 0.0, "prompt_index": gi,
                         "index_0": a, "index_1": c, "seed_0": int(res.seeds[local, a]),
                         "seed_1": int(res.seeds[local, c]),
