@@ -85,3 +85,35 @@ def test_trl_ddpo_trainer_runs_an_epoch_with_the_adapter(tmp_path):
     assert seen and seen[0][0] == (2, 3, 32, 32) and 0 <= seen[0][1] and seen[0][2] <= 1
     after = dict(pipe.sd_pipeline.unet.named_parameters())
     assert any(not torch.equal(before[n], after[n].detach()) for n in before)  # trl updated its LoRA
+
+
+def test_trl_alignprop_trainer_backpropagates_through_the_adapter(tmp_path):
+    trl = pytest.importorskip("trl", reason="trl (<= 0.23, the last with AlignPropTrainer) is not installed")
+    if not hasattr(trl, "AlignPropTrainer"):
+        pytest.skip(f"trl {trl.__version__} has no AlignPropTrainer (removed in 0.24)")
+    from accelerate import PartialState
+
+    from alignment.tiny import save_tiny_pipeline
+
+    PartialState()
+    save_tiny_pipeline(tmp_path / "sd")
+    pipe = trl.DefaultDDPOStableDiffusionPipeline(str(tmp_path / "sd"), use_lora=True)
+    inner = trl_reward_fn(create_reward("aesthetic-tiny"), differentiable=True)
+    seen = []
+
+    def reward_fn(images, prompts, metadata):
+        seen.append(images.requires_grad)
+        return inner(images, prompts, metadata)
+
+    cfg = trl.AlignPropConfig(
+        num_epochs=1, sample_num_steps=2, train_batch_size=1, train_gradient_accumulation_steps=1, log_with=None,
+        mixed_precision="no", save_freq=100, truncated_backprop_rand=False, truncated_backprop_timestep=0,
+        project_kwargs={"project_dir": str(tmp_path), "logging_dir": str(tmp_path / "logs"),
+                        "automatic_checkpoint_naming": True, "total_limit": 1},
+    )
+    trainer = trl.AlignPropTrainer(cfg, reward_fn, lambda: ("a cat", {}), pipe)
+    before = {n: p.detach().clone() for n, p in pipe.sd_pipeline.unet.named_parameters() if p.requires_grad}
+    trainer.train()
+    after = dict(pipe.sd_pipeline.unet.named_parameters())
+    assert seen == [True]  # trl hands over images with a graph; the reward keeps it
+    assert any(not torch.equal(before[n], after[n].detach()) for n in before)
