@@ -33,8 +33,17 @@ class _NoTorchvisionFallbackNotice(logging.Filter):
         return "requires torchvision (not installed)" not in record.getMessage()
 
 
+class _NoEmptyFloat32CastNotice(logging.Filter):
+    """diffusers warns on every `model.to(dtype)` that "modules ... should be kept in float32: []" even when
+    that list is empty (every tiny pipeline, every dtype cast): only the non-empty warning means anything."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionFallbackNotice())
+    logging.getLogger("diffusers.models.modeling_utils").addFilter(_NoEmptyFloat32CastNotice())
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

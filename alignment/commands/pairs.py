@@ -75,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
               f"{cfg.output_dir}{resumed}.")
         print(f"load them with: datasets.load_dataset({cfg.output_dir!r}, split='train')  "
               f"(columns caption, jpg_0, jpg_1, label_0, scores and seeds)")
+        print(f"diffusers' Diffusion-DPO examples read them with --dataset_name {cfg.output_dir} "
+              "--dataset_split_name train (there is only a train split); reward-align train-dpo with "
+              f"data.path={cfg.output_dir}")
     return 0
 
 
