@@ -51,3 +51,15 @@ def test_resume_after_kill_logs_each_step_once(tmp_path, report_to):
     assert len(rows) == len({(r["step"], tuple(sorted(r))) for r in rows})  # no duplicated row of any kind
     if report_to == "tensorboard":
         assert _tensorboard_steps(out, "train/loss") == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_from_a_corrupt_checkpoint_names_the_file(tmp_path):
+    from reward_plugins.checkpoints import CheckpointError
+
+    pairs = make_synthetic_pairs(tmp_path / "pairs.parquet", 8, resolution=32)
+    out = tmp_path / "run"
+    DPOTrainer(_cfg(pairs, "none"), output_dir=out).train(stop_at=4)
+    victim = checkpoint_dir(out, 4) / "trainable_0.safetensors"
+    victim.write_bytes(victim.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="trainable_0.safetensors is not a valid .safetensors file"):
+        DPOTrainer(_cfg(pairs, "none"), output_dir=out, resume=True).train()

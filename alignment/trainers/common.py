@@ -521,7 +521,9 @@ def register_trainable_state_hooks(accelerator) -> None:
     Frozen weights come back from the base pipeline on resume. Optimizer, scheduler, grad scaler and
     RNG states are still saved by accelerate itself.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
+
+    from reward_plugins.checkpoints import load_safetensors
 
     def save_hook(models, weights, output_dir):
         for i, model in enumerate(models):
@@ -535,7 +537,7 @@ def register_trainable_state_hooks(accelerator) -> None:
             path = os.path.join(input_dir, TRAINABLE_FILE.format(i=i))
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"checkpoint {input_dir!r} lacks {os.path.basename(path)}; it is incomplete.")
-            state = load_file(path)
+            state = load_safetensors(path)  # a truncated file: one line naming it, not a Rust error
             params = dict(unwrap(model).named_parameters())
             unknown = sorted(set(state) - set(params))
             if unknown:
