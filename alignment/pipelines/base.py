@@ -349,9 +349,17 @@ class PipelineAdapter:
 
     # ---- LoRA export ----------------------------------------------------------------------------------
 
+    #: convert peft's LoRA keys to diffusers' (the SD/SDXL scripts do; the SD3/FLUX scripts save peft keys)
+    lora_convert_keys: bool = True
+
     @classmethod
     def save_lora(cls, pipeline_class, out_dir, state: dict, metadata: dict, weight_name: str) -> None:
-        """Write denoiser LoRA `state` (diffusers keys) with the pipeline class's `save_lora_weights`."""
+        """Write the denoiser's LoRA `state` (peft keys) with the pipeline class's `save_lora_weights`,
+        in the key format the family's official training script writes."""
+        if cls.lora_convert_keys:
+            from diffusers.utils import convert_state_dict_to_diffusers
+
+            state = convert_state_dict_to_diffusers(state)
         kw = {cls.lora_layers_kwarg: state, cls.lora_layers_kwarg.replace("_layers", "_adapter_metadata"): metadata}
         pipeline_class.save_lora_weights(out_dir, weight_name=weight_name, **kw)
 

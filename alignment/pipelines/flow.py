@@ -40,6 +40,7 @@ class FlowMatchingAdapter(PipelineAdapter):
     is_flow = True
     sampling_schedulers = ("FlowMatchEulerDiscreteScheduler",)
     lora_layers_kwarg = "transformer_lora_layers"
+    lora_convert_keys = False  # mixing diffusers' old lora.down/up keys with peft keys breaks the loader
     denoiser_attr = "transformer"
     #: the family's training-script default timestep density
     default_weighting_scheme = "logit_normal"

@@ -100,7 +100,9 @@ class FluxAdapter(FlowMatchingAdapter):
         return FluxPipeline._unpack_latents(latents, height, width, self.vae_scale)
 
     @classmethod
-    def tiny_pipeline(cls, seed: int = 0, sample_size: int = 16, prediction_type: str | None = None):
+    def tiny_pipeline(
+        cls, seed: int = 0, sample_size: int = 16, prediction_type: str | None = None, guidance_embeds: bool = True
+    ):
         from ..tiny import tiny_flux_pipeline
 
-        return tiny_flux_pipeline(seed=seed)
+        return tiny_flux_pipeline(seed=seed, sample_size=sample_size, guidance_embeds=guidance_embeds)

@@ -418,7 +418,6 @@ def export_lora(pipe_or_family, unet: torch.nn.Module, out_dir: str | os.PathLik
         >>> path = export_lora(pipe, pipe.unet, "out/lora")
         >>> fresh = StableDiffusionPipeline.from_pretrained(base); fresh.load_lora_weights("out/lora")
     """
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     inner = unwrap(unet)
@@ -436,13 +435,13 @@ def export_lora(pipe_or_family, unet: torch.nn.Module, out_dir: str | os.PathLik
     state = get_peft_model_state_dict(inner, adapter_name=adapter_name)
     state = {k: (v.detach().float() * scale if "lora_B" in k else v.detach().float()).cpu().contiguous()
              for k, v in state.items()}
-    state = convert_state_dict_to_diffusers(state)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metadata = config.to_dict()
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
     metadata.update(lora_alpha=config.r, use_rslora=False)  # the scale now lives in the weights
-    # the family knows the keyword (unet_lora_layers for SD/SDXL, transformer_lora_layers for SD3/FLUX)
+    # the family knows the key format and keyword (SD/SDXL: diffusers keys as unet_lora_layers; SD3/FLUX:
+    # peft keys as transformer_lora_layers, as each family's official diffusers training script saves them)
     family.save_lora(cls, out, state, metadata, LORA_WEIGHT_NAME)
     return out / LORA_WEIGHT_NAME
 

@@ -330,7 +330,8 @@ class DPOTrainer:
             pipe.to(self.accelerator.device)
         self.pipe = pipe
         self.adapter = build_adapter(self.pipe, cfg.model)
-        check_guidance_settings(self.adapter, {"validation.guidance_scale": cfg.validation.guidance_scale})
+        check_guidance_settings(self.adapter, {"validation.guidance_scale": cfg.validation.guidance_scale,
+                                               "data.caption_dropout": getattr(cfg.data, "caption_dropout", None)})
         # Under fp16 the VAE runs in fp32: SDXL's VAE overflows in fp16 (bf16 has fp32's range and is fine).
         if self.weight_dtype == torch.float16 and self.pipe.vae.dtype != torch.float32:
             self.pipe.vae.to(dtype=torch.float32)
