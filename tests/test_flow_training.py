@@ -171,3 +171,13 @@ def test_a_flux_reward_recipe_with_cfg_guidance_warns(tmp_path):
     cfg = reward_config("flux", tmp_path, "draft", "sampling.guidance_scale=7.5", "train.max_steps=1")
     with pytest.warns(UserWarning, match="sampling.guidance_scale=7.5"):
         RewardFinetuner(cfg)
+
+
+@pytest.mark.parametrize("name", ["sd35m_lora_dpo.yaml", "flux_dev_lora_dpo.yaml"])
+def test_flow_dpo_recipes_parse(name):
+    from alignment.trainers.dpo import check_config
+
+    cfg = load_config(DPOConfig, ROOT / "configs" / name)
+    check_config(cfg)
+    assert cfg.model.pipeline and cfg.lora.enabled and cfg.dpo.beta > 0
+    assert cfg.model.weighting_scheme == ("logit_normal" if name.startswith("sd35m") else "none")
