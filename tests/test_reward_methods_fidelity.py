@@ -75,3 +75,10 @@ def test_anchor_is_logged_as_an_l2_and_refl_rewards_are_marked_as_x0(tmp_path):
     _, rows = _run(tmp_path / "draft", "draft", "sampling.num_steps=4")
     train = [r for r in rows if "loss" in r]
     assert "reward/mean" in train[0] and "x0/reward/mean" not in train[0]
+
+
+def test_validation_measures_per_prompt_diversity(tmp_path):
+    _, rows = _run(tmp_path, "draft", "sampling.num_steps=4", "data.val_images_per_prompt=3",
+                   "data.val_prompts=[a cat, a dog]")
+    val = [r for r in rows if "val/reward/mean" in r]
+    assert val and all(r["val/diversity/per_prompt_pixel_std"] > 0 for r in val)

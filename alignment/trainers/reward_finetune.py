@@ -33,7 +33,9 @@ Logged scalars (tensorboard and ``metrics.jsonl``): ``loss``, ``reward/mean`` (t
 ``rewards/<term>/mean`` (each training term), ``rewards/eval/<term>/mean`` (evaluation reward on the
 same samples), ``val/...`` (the same on final images of fixed validation prompts and seeds: the numbers to
 compare across methods), ``anchor_l2``, ``grad_norm``, ``lr``, ``samples/pixel_std_across_batch`` (pixel
-spread across a micro-batch's samples, which have different prompts: not per-prompt diversity). ReFL's
+spread across a micro-batch's samples, which have different prompts: not per-prompt diversity) and, with
+``data.val_images_per_prompt`` >= 2, ``val/diversity/per_prompt_pixel_std`` (the pixel std across each
+validation prompt's images, averaged: the diversity that collapses under reward hacking). ReFL's
 training rewards score its one-step x̂₀, not a final image, so they are logged as ``x0/reward/mean``,
 ``x0/rewards/...`` and are not comparable with the other methods' ``reward/mean``.
 
@@ -687,6 +689,11 @@ class RewardFinetuner:
         count = 0
         bs = self.cfg.train.batch_size
         mine = list(range(rank, len(prompts), world))
+        # Per-prompt diversity: the pixel std across each prompt's images (different seeds), averaged over
+        # pixels and prompts; per-prompt sums are reduced across processes, whichever process drew an image.
+        m = self.cfg.data.val_images_per_prompt
+        shape = (len(self.val_prompts), 3, self.resolution, self.resolution)
+        div = torch.zeros(2, *shape) if m >= 2 else None
         for start in range(0, len(mine), bs):
             idx = mine[start:start + bs]
             chunk = [prompts[i] for i in idx]
@@ -704,11 +711,21 @@ class RewardFinetuner:
             for k, v in stats.items():
                 sums[k] += v * len(idx)
             count += len(idx)
+            if div is not None and tuple(images.shape[1:]) == shape[1:]:
+                x = images.detach().float().cpu()
+                for b, i in enumerate(idx):
+                    div[0, i // m] += x[b]
+                    div[1, i // m] += x[b] ** 2
         keys = sorted(sums)
         vec = torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64, device=self.accelerator.device)
         vec = self.accelerator.reduce(vec, reduction="sum")
         self.model.train(was_training)
-        return {k: float(vec[i] / vec[-1]) for i, k in enumerate(keys)}
+        result = {k: float(vec[i] / vec[-1]) for i, k in enumerate(keys)}
+        if div is not None:
+            s, sq = self.accelerator.reduce(div.to(self.accelerator.device), reduction="sum").cpu()
+            var = ((sq - s * s / m) / (m - 1)).clamp(min=0)
+            result["val/diversity/per_prompt_pixel_std"] = float(var.sqrt().flatten(1).mean(1).mean())
+        return result
 
     # -- the loop ------------------------------------------------------------------------------------------
     def _sync_gradients(self) -> None:
