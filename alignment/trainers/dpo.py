@@ -105,8 +105,8 @@ class DataSection:
             ``CenterCrop(res)`` (offsets rounded); ``"bicubic"``: bicubic with floored offsets (this library's
             earlier default, kept so older runs resume alike).
         caption_dropout: the probability of training a pair on the empty caption (classifier-free guidance's
-            unconditional branch): the official scripts' ``proportion_empty_prompts``, 0.2 in both
-            DiffusionDPO and diffusers' examples; 0 disables. Seeded per micro-batch (exact resume).
+            unconditional branch): the official DiffusionDPO ``--proportion_empty_prompts``, 0.2 by default
+            there; 0 disables. Seeded per micro-batch (exact resume).
         hflip: random horizontal flips, p = ½: ``"image"`` flips each image on its own (the official
             DiffusionDPO code, which transforms jpg_0 and jpg_1 separately), ``"pair"`` flips winner and
             loser together (diffusers' SDXL DPO script), ``"none"`` never.
