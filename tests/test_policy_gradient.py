@@ -71,7 +71,8 @@ def test_ddpo_trains_and_the_first_ratio_is_exactly_one(ddpo_run):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
-        assert r["policy/ratio_dev_first"] == 0.0  # recomputed log-probs equal the recorded ones
+        assert r["policy/ratio_dev_first"] == 0.0  # the first inner epoch's ratio is exactly 1
+        assert r["policy/logprob_recompute_err"] < 1e-5  # recomputed log-probs equal the recorded ones
         assert math.isfinite(r["loss"]) and r["reward/nan_count"] == 0
         assert 0 <= r["reward/mean"] <= 1
     lora = _lora_state(trainer)
@@ -176,7 +177,7 @@ def test_window_of_steps_with_ode_outside_and_kl(tmp_path):
     adv, _, valid = trainer.advantages(ro)
     stats = trainer.train_on(ro, adv, valid, 1)
     assert stats["kl"] == 0.0  # before the first update the policy is the reference
-    assert stats["policy/ratio_dev_first"] == 0.0
+    assert stats["policy/ratio_dev_first"] == 0.0 and stats["policy/logprob_recompute_err"] < 1e-5
 
 
 @pytest.mark.parametrize("family,kind", [("sd3", "sde"), ("sd3", "cps"), ("flux", "sde")])
@@ -191,7 +192,8 @@ def test_grpo_on_tiny_flow_pipelines(family, kind, tmp_path):
     assert trainer.has_noise.tolist() == ([True, True, False] if kind == "cps" else [True, True, True])
     summary = trainer.train()
     row = summary["last"]
-    assert row["policy/ratio_dev_first"] == 0.0 and math.isfinite(row["loss"]) and row["kl"] >= 0
+    assert row["policy/ratio_dev_first"] == 0.0 and row["policy/logprob_recompute_err"] < 1e-5
+    assert math.isfinite(row["loss"]) and row["kl"] >= 0
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
     with pytest.raises(ValueError, match="use method.name=grpo"):
         PolicyGradientTrainer(_cfg(), reward=CenterBright(), output_dir=str(tmp_path), pipe=tiny_pipeline(family))
@@ -221,3 +223,15 @@ def test_ema_is_updated_checkpointed_and_resumed(tmp_path):
     assert resumed.ema.num_updates == full.ema.num_updates
     for a, b in zip(full.ema.shadow, resumed.ema.shadow):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family,prediction_type", [("sdxl", None), ("sd", "v_prediction")])
+def test_ddpo_on_sdxl_and_v_prediction(family, prediction_type, tmp_path):
+    from alignment.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(family, prediction_type=prediction_type)
+    trainer = PolicyGradientTrainer(_cfg("train.max_steps=1"), reward=CenterBright(), output_dir=str(tmp_path), pipe=pipe)
+    row = trainer.train()["last"]
+    assert row["policy/ratio_dev_first"] == 0.0 and row["policy/logprob_recompute_err"] < 1e-5
+    assert math.isfinite(row["loss"])
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()

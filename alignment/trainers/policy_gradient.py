@@ -23,7 +23,8 @@ One **epoch** (``train.max_steps`` counts epochs; checkpoints and validation are
 Logged (tensorboard and ``metrics.jsonl``): ``reward/mean``, ``reward/std``, ``reward/nan_count``,
 ``rewards/<term>/mean``, ``rewards/eval/mean`` (the held-out reward on the same rollouts),
 ``val/...`` (deterministic samples of fixed validation prompts and seeds), ``advantage/abs_mean``,
-``policy/ratio_dev_first`` (max |ρ − 1| before the epoch's first update: 0 when recomputation matches
+``policy/ratio_dev_first`` (max |ρ − 1| before the epoch's first update: 0), ``policy/logprob_recompute_err``
+(max |recomputed − recorded log-prob| before that update: float noise, ~1e-7, if recomputation matches
 sampling), ``policy/clipfrac``, ``policy/approx_kl``, ``kl``, ``loss``, ``grad_norm``, ``lr``,
 ``time/rollout_s``, ``time/train_s``, ``rollout/images_per_s``. Contact sheets of a few groups go to
 ``samples/`` every `method.contact_sheet_every` epochs.
@@ -566,7 +567,7 @@ class PolicyGradientTrainer:
         keep = torch.nonzero(valid).flatten()
         sums: dict[str, float] = {}
         n_terms = 0
-        first_dev = 0.0
+        first_dev = first_err = 0.0
         updated = False
         grad_norms = []
         self.model.train()
@@ -591,6 +592,12 @@ class PolicyGradientTrainer:
                         nxt = ro.traj.latents[rows_d, st + 1]
                         old = ro.traj.log_probs[rows_d, st]
                         out = transition(self.sampler, predict, x, nxt, st)
+                        if not updated:
+                            # The policy has not changed since sampling, so its log-prob is the old one: the
+                            # ratio is exactly 1 (the recorded value differs only by float noise of other
+                            # batch layouts, ~1e-7, which is logged as a check of the recomputation).
+                            first_err = max(first_err, float((out.log_prob.detach() - old).abs().max()))
+                            old = out.log_prob.detach()
                         loss, pst = ppo_clip_loss(out.log_prob, old, adv[rows].to(acc.device), m.clip_range, m.adv_clip_max)
                         if m.kl_weight > 0:
                             ref = self._reference_mean(x, nxt, st, cond, uncond, m.train_cfg)
@@ -609,6 +616,7 @@ class PolicyGradientTrainer:
                 updated = True
         stats = {k: v / max(n_terms, 1) for k, v in sums.items()}
         stats["policy/ratio_dev_first"] = first_dev
+        stats["policy/logprob_recompute_err"] = first_err
         stats["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
         stats["lr"] = self.lr_scheduler.get_last_lr()[0]
         stats["time/train_s"] = time.perf_counter() - tic
