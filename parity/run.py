@@ -60,7 +60,8 @@ CLIP_PROMPTS = [
 ]
 LONG = ("a detailed oil painting of an old lighthouse on a rocky cliff above a stormy sea at night, with "
         "crashing waves, dark clouds, a full moon behind the clouds, seagulls, a small fishing boat, warm light "
-        "from the windows of the keeper's house, rain, wind-bent grass and a winding stone path up the hill")
+        "from the windows of the keeper's house, rain, wind-bent grass and a winding stone path up the hill, "
+        "painted in thick impasto brush strokes in the style of a nineteenth century romantic landscape")
 IR_PROMPTS = ["a photo of a cat", "a red car in the city", "a portrait of an old astronaut", "a blue bird on a tree"]
 
 # Small configs of the real architectures (widths multiple of 64: OpenAI's builder infers heads = width / 64).

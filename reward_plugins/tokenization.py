@@ -147,7 +147,7 @@ def clip_token_ids(
         enc = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
                         return_tensors="pt")
         return enc["input_ids"]
-    rows = [ids[:max_length] for ids in tokenizer(list(prompts))["input_ids"]]
+    rows = [ids[:max_length] for ids in tokenizer(list(prompts), verbose=False)["input_ids"]]
     pad = tokenizer.pad_token_id
     return torch.tensor([ids + [pad] * (max_length - len(ids)) for ids in rows], dtype=torch.long)
 
