@@ -213,7 +213,7 @@ def test_hook_single_process_writes_best_grids_and_report(tmp_path):
                                  images.flip(0), ["q", "q", "p", "p"], index=[3, 2, 1, 0],
                                  save_best=lambda d, i=i: saved.append(i) or (d / "w").write_text(str(i)))
         assert "monitor/drift/pixel" in sig
-    assert hook.should_stop() and saved == [1]
+    assert hook.should_stop() and saved == [0, 1]  # step 0 (the base model) is the first best
     assert (tmp_path / "best" / "w").read_text() == "1"
     assert hook.markers() == [(20, "divergence")]
     summary = hook.finish()

@@ -13,6 +13,7 @@ Example (inside a trainer):
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -40,15 +41,18 @@ class MonitorHook:
         self.monitor = HackingMonitor(section, self.output_dir if self.main else None, embed=embed)
         self.enabled = section.enabled
         self._stop = False
+        self.seconds = 0.0  # wall time spent in the monitor (signals, rules, grids, best/), for its overhead
 
     def resume(self, step: int) -> None:
         if self.enabled and self.main:
             self.monitor.resume(step)
 
-    def _gather(self, images: torch.Tensor, prompts: Sequence[str], index: Sequence[int]):
+    def _gather(self, images: torch.Tensor | None, prompts: Sequence[str], index: Sequence[int], gathered: bool):
         """All processes' validation images in validation order (the main process gets them; others None)."""
         acc = self.accelerator
-        if acc is None or acc.num_processes == 1:
+        if gathered and not self.main:
+            return None, None
+        if gathered or acc is None or acc.num_processes == 1:
             order = sorted(range(len(index)), key=lambda i: index[i])
             return images[order], [prompts[i] for i in order]
         from accelerate.utils import gather_object
@@ -59,8 +63,9 @@ class MonitorHook:
             return None, None
         return torch.stack([x[2] for x in everything]), [x[1] for x in everything]
 
-    def on_validation(self, step: int, scalars: dict, images: torch.Tensor, prompts: Sequence[str],
-                      index: Sequence[int] | None = None, save_best: Callable[[Path], None] | None = None) -> dict:
+    def on_validation(self, step: int, scalars: dict, images: torch.Tensor | None, prompts: Sequence[str],
+                      index: Sequence[int] | None = None, save_best: Callable[[Path], None] | None = None,
+                      gathered: bool = False) -> dict:
         """Observe one validation; returns the signals to log (empty on other processes).
 
         Args:
@@ -68,24 +73,30 @@ class MonitorHook:
             images, prompts: this process's validation images and their prompts.
             index: each image's position in the full validation set (default: 0..n-1, one process).
             save_best: writes the trained weights into a directory; called for ``best/`` when the
-                held-out score improves (on the main process only).
+                held-out score improves (on the main process only), also at step 0 (then ``best/`` holds
+                the base model until training beats it).
+            gathered: the main process already holds every validation image (a trainer that validates on
+                the main process only); the other processes pass None and only join the stop decision.
         """
         if not self.enabled:
             return {}
+        tic = time.perf_counter()
         index = list(range(len(prompts))) if index is None else list(index)
-        all_images, all_prompts = self._gather(images.float().clamp(0, 1), list(prompts), index)
+        local = images.float().clamp(0, 1) if images is not None else None
+        all_images, all_prompts = self._gather(local, list(prompts), index, gathered)
         signals: dict = {}
         stop = 0.0
         if self.main:
             signals, _, is_best = self.monitor.observe(step, scalars, all_images, groups=all_prompts)
             save_validation_grid(all_images, self.output_dir, step)
-            if is_best and step > 0 and self.monitor.section.keep_best and save_best is not None:
+            if is_best and self.monitor.section.keep_best and save_best is not None:
                 write_best(self.output_dir, self.monitor.best, save_best)
             stop = 1.0 if self.monitor.should_stop else 0.0
         if self.accelerator is not None and self.accelerator.num_processes > 1:
             flag = torch.tensor([stop], device=self.accelerator.device)
             stop = float(self.accelerator.reduce(flag, reduction="sum").item())
         self._stop = stop > 0
+        self.seconds += time.perf_counter() - tic
         return signals
 
     def should_stop(self) -> bool:
@@ -100,7 +111,26 @@ class MonitorHook:
         """Write ``monitor_report.png``; returns the monitor's summary (alarms, best step, stopped)."""
         if not (self.enabled and self.main):
             return {}
+        tic = time.perf_counter()
         report = write_run_report(self.output_dir, self.monitor)
+        self.seconds += time.perf_counter() - tic
         out = self.monitor.summary()
         out["report"] = str(report) if report else None
+        out["seconds"] = self.seconds
         return out
+
+
+def weights_saver(pipe, model: torch.nn.Module, ema=None, lora: bool = True,
+                  full_dir: str = "unet") -> Callable[[Path], None]:
+    """A ``save_best`` callback writing what a trainer exports at the end: the LoRA (`export_lora`) or the
+    whole denoiser (``full_dir/``), with the EMA weights applied when the run keeps an EMA."""
+    from alignment.trainers.common import ema_weights, export_lora, unwrap
+
+    def save(directory: Path) -> None:
+        with ema_weights(ema):
+            if lora:
+                export_lora(pipe, model, directory)
+            else:
+                unwrap(model).save_pretrained(Path(directory) / full_dir)
+
+    return save

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..configs import count
 from . import rules, stats
 
 ON_ALARM = ("warn", "stop")
@@ -64,7 +65,7 @@ class MonitorSection:
     keep_best: bool = True
     divergence: bool = True
     divergence_tolerance: float = 0.05
-    divergence_patience: int = 1
+    divergence_patience: int = count(1)
     diversity_floor: float = 0.5
     statistics: list[str] = field(default_factory=lambda: ["saturation", "dark_fraction", "bright_fraction"])
     stat_rel_band: float = 0.5
@@ -184,7 +185,11 @@ class HackingMonitor:
     def eval_keys(self, record: dict) -> list[str]:
         if self.section.eval_keys:
             return list(self.section.eval_keys)
-        return sorted(k for k in record if k.startswith("val/rewards/eval/") and k.endswith("/mean"))
+        found = sorted(k for k in record if k.startswith("val/rewards/eval/") and k.endswith("/mean"))
+        terms = [k for k in found if k != "val/rewards/eval/mean"]
+        if len(terms) == 1 and "val/rewards/eval/mean" in found:  # one term: it is the composite, watched once
+            return ["val/rewards/eval/mean"]
+        return found
 
     def _best_key(self, record: dict) -> str:
         if self.section.best_key:

@@ -36,6 +36,7 @@ import torch
 
 from alignment.configs import check_counts, count
 from alignment.losses import DPO_LOSS_TYPES, diffusion_dpo_loss, per_sample_mse
+from alignment.monitor import MonitorHook, MonitorSection, check_monitor, image_embedder, weights_saver
 from alignment.plots import plot_metrics
 from alignment.trainers.common import (
     JsonlLogger,
@@ -219,12 +220,14 @@ class DPOConfig:
     dpo: DPOSection = field(default_factory=DPOSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
     online: OnlineSection = field(default_factory=OnlineSection)
+    monitor: MonitorSection = field(default_factory=MonitorSection)
 
 
 def check_config(cfg: DPOConfig, need_pipeline: bool = True) -> None:
     """Validate `cfg` before anything is loaded or written. Raises ValueError naming the key and the fix."""
     check_counts(cfg)
     check_sections(cfg.model, cfg.lora, cfg.train, need_pipeline=need_pipeline)
+    check_monitor(cfg.monitor)
     if cfg.dpo.loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"dpo.loss_type must be one of {DPO_LOSS_TYPES}; got {cfg.dpo.loss_type!r}.")
     if not cfg.dpo.beta > 0:
@@ -272,6 +275,7 @@ class DPOResult:
     unet_path: Path | None
     steps: int
     last_metrics: dict = field(default_factory=dict)
+    monitor: dict = field(default_factory=dict)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -366,6 +370,9 @@ class DPOTrainer:
         self.global_step = 0
         self._rewards: dict[str, Any] = {}
         self.log_file = JsonlLogger(self.output_dir / "metrics.jsonl", enabled=self.accelerator.is_main_process)
+        # DPO has no training reward: the validation reward is the held-out score that picks best/.
+        mon = cfg.monitor if cfg.monitor.best_key else dataclasses.replace(cfg.monitor, best_key="val/reward_mean")
+        self.monitor = MonitorHook(mon, self.output_dir, self.accelerator)
 
     # -- setup helpers ---------------------------------------------------------------------------------
 
@@ -557,6 +564,8 @@ class DPOTrainer:
                 save_checkpoint(acc, self.output_dir, self.global_step, train.checkpoints_total_limit)
             if train.validate_every and self.global_step % train.validate_every == 0:
                 self.validate(self.global_step)
+                if self.monitor.should_stop():  # on_alarm: stop ends the run at this validation
+                    break
         return last
 
     # -- validation, online mining -----------------------------------------------------------------
@@ -585,7 +594,11 @@ class DPOTrainer:
     def validate(self, step: int) -> dict[str, float]:
         """Sample the validation prompts, score them, log the mean reward and the images (main process)."""
         v = self.cfg.validation
-        if not v.prompts or not v.reward or not self.accelerator.is_main_process:
+        if not v.prompts or not v.reward:
+            self.accelerator.wait_for_everyone()
+            return {}
+        if not self.accelerator.is_main_process:  # joins the monitor's stop decision only
+            self.monitor.on_validation(step, {}, None, [], gathered=True)
             self.accelerator.wait_for_everyone()
             return {}
         with ema_weights(self.ema):  # the averaged weights are what gets exported
@@ -596,6 +609,10 @@ class DPOTrainer:
         logs = {"val/reward_mean": float(out.scores.float().mean())}
         for dim, vals in out.per_dim.items():
             logs[f"val/{dim}_mean"] = float(vals.float().mean())
+        if self.monitor.monitor.embed is None:  # the validation reward's image tower, when it has one
+            self.monitor.monitor.embed = image_embedder(reward)
+        logs.update(self.monitor.on_validation(step, logs, images, list(v.prompts), gathered=True, save_best=weights_saver(
+            self.pipe, self.model, self.ema, lora=self.cfg.lora.enabled)))
         self.accelerator.log(logs, step=step)
         self.log_file.log(logs, step)
         try:
@@ -684,6 +701,7 @@ class DPOTrainer:
             if found is not None:
                 acc.load_state(str(found[0]))
                 start = found[1]
+                self.monitor.resume(start)
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             from alignment.configs import save_config
@@ -705,6 +723,8 @@ class DPOTrainer:
                 dataset = self.mine_round(r)
                 end = min((r + 1) * per, final)
                 last = self._train_steps(dataset, self.global_step, end, r * per, bar) or last
+                if self.monitor.should_stop():
+                    break
         else:
             if self.source is None:
                 path = self.output_dir / "synthetic_pairs.parquet"
@@ -730,12 +750,18 @@ class DPOTrainer:
                 else:
                     unet_path = self.output_dir / "unet"
                     unwrap(self.model).save_pretrained(unet_path)
-            plot_metrics(self.log_file.path, CURVES, self.output_dir / "curves.png", title="Diffusion-DPO")
+            plot_metrics(self.log_file.path, CURVES, self.output_dir / "curves.png", title="Diffusion-DPO",
+                         markers=self.monitor.markers())
             plot_metrics(self.log_file.path, ["val/reward_mean"], self.output_dir / "val_reward.png",
                          title="validation reward of the policy")
+        monitor = self.monitor.finish()
+        if acc.is_main_process:
+            summary = {"steps": self.global_step, "lora": str(lora_path) if lora_path else None,
+                       "unet": str(unet_path) if unet_path else None, "monitor": monitor}
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         acc.wait_for_everyone()
         acc.end_training()
-        return DPOResult(self.output_dir, lora_path, unet_path, self.global_step, last)
+        return DPOResult(self.output_dir, lora_path, unet_path, self.global_step, last, monitor)
 
 
 def train_dpo(cfg: DPOConfig, output_dir: str | os.PathLike | None = None, resume: bool = False, dataset=None, pipe=None) -> DPOResult:

@@ -49,6 +49,7 @@ import torch
 from reward_plugins.base import RewardModel
 
 from ..configs import save_config
+from ..monitor import MonitorHook, MonitorSection, check_monitor, image_embedder, weights_saver
 from ..pipelines import PromptEmbeds
 from ..plots import plot_metrics
 from ..policy_losses import PerPromptStatTracker, group_advantages, ppo_clip_loss
@@ -186,6 +187,7 @@ class PolicyGradientConfig:
     reward: RewardSection = field(default_factory=RewardSection)
     eval_reward: RewardSection | None = None
     data: DataSection = field(default_factory=DataSection)
+    monitor: MonitorSection = field(default_factory=MonitorSection)
 
 
 def _choice(value, options, key: str) -> None:
@@ -301,6 +303,7 @@ class PolicyGradientTrainer:
         if not self.prompts:
             raise ValueError("no training prompts: set data.prompts (a list) or data.prompts_file.")
         check_policy(m, s, len(self.prompts))
+        check_monitor(config.monitor)
         self.val_prompts = read_prompts(config.data.val_prompts, config.data.val_prompts_file, "data.val_prompts") or self.prompts[:8]
 
         self.accelerator = make_accelerator(config.train, self.output_dir)
@@ -385,6 +388,9 @@ class PolicyGradientTrainer:
         self.model = unwrap(self.wrapped)
         self.tracker = PerPromptStatTracker(m.running_buffer_size, m.running_min_count, m.std_floor)
         self.logger = JsonlLogger(self.output_dir / METRICS_FILE, enabled=acc.is_main_process)
+        # Reward-hacking monitor at every validation (embedding diversity in the reward's own image space).
+        self.monitor = MonitorHook(config.monitor, self.output_dir, acc, embed=image_embedder(self.reward))
+        self._val_batch: tuple[torch.Tensor, list[str], list[int]] | None = None
         self.epoch = 0
         self.nan_total = 0
 
@@ -641,6 +647,7 @@ class PolicyGradientTrainer:
         was = self.model.training
         self.model.eval()
         bs = self.cfg.sampling.batch_size
+        kept: list[torch.Tensor] = []  # this process's images, for the monitor
         for b0 in range(0, len(mine), bs):
             idx = mine[b0:b0 + bs]
             prompts = [self.val_prompts[i] for i in idx]
@@ -656,10 +663,12 @@ class PolicyGradientTrainer:
                 e, _ = self._score(images, prompts, self.eval_reward)
                 sums["val/rewards/eval/mean"] += float(torch.nan_to_num(e).sum())
             count += len(idx)
+            kept.append(images.detach().float().cpu())
         keys = sorted(sums)
         vec = torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64, device=acc.device)
         vec = acc.reduce(vec, reduction="sum")
         self.model.train(was)
+        self._val_batch = (torch.cat(kept) if kept else torch.zeros(0, 3, 1, 1), [self.val_prompts[i] for i in mine], mine)
         return {k: float(vec[i] / max(float(vec[-1]), 1)) for i, k in enumerate(keys)}
 
     def _contact_sheets(self, ro: Rollout, adv: torch.Tensor, epoch: int) -> None:
@@ -719,6 +728,7 @@ class PolicyGradientTrainer:
             self.nan_total = int(state.get("nan_total", 0))
             if acc.is_main_process:  # rows the interrupted run logged after its checkpoint are logged again
                 drop_log_rows_after(self.logger.path, self.epoch)
+            self.monitor.resume(self.epoch)
         else:
             if acc.is_main_process:
                 if self.logger.path.exists():
@@ -727,19 +737,25 @@ class PolicyGradientTrainer:
         if acc.is_main_process and t.report_to == "tensorboard" and acc.log_with:
             acc.init_trackers("policy_gradient", init_kwargs=resume_tracker_kwargs(self.epoch))
         if self.epoch == 0 and t.validate_every:
-            self._log(self.validate(), 0)
+            val = self.validate()
+            self._log({**val, **self._observe(val)}, 0)
         bar = progress_bar(acc, t.max_steps, self.epoch, desc=f"{self.cfg.method.name} epochs")
         while self.epoch < t.max_steps:
             scalars = self.train_epoch()
             if (t.validate_every and self.epoch % t.validate_every == 0) or (t.validate_every and self.epoch == t.max_steps):
-                scalars.update(self.validate())
-            if t.log_every and (self.epoch % t.log_every == 0 or self.epoch == t.max_steps):
+                val = self.validate()
+                scalars.update(val)
+                scalars.update(self._observe(val))
+            stop = self.monitor.should_stop()  # on_alarm: stop ends the run at this validation
+            if t.log_every and (self.epoch % t.log_every == 0 or self.epoch == t.max_steps or stop):
                 self._log(scalars, self.epoch)
-            if (t.save_every and self.epoch % t.save_every == 0) or self.epoch == t.max_steps:
+            if (t.save_every and self.epoch % t.save_every == 0) or self.epoch == t.max_steps or stop:
                 save_checkpoint(acc, self.output_dir, self.epoch, t.checkpoints_total_limit,
                                 {"tracker": self.tracker.state_dict(), "nan_total": self.nan_total})
             bar.update(1)
             bar.set_postfix(reward=f"{scalars.get('reward/mean', float('nan')):.3f}")
+            if stop:
+                break
         bar.close()
         lora_path = None
         acc.wait_for_everyone()
@@ -751,14 +767,21 @@ class PolicyGradientTrainer:
                     self.model.save_pretrained(self.output_dir / self.adapter.denoiser_attr)
         acc.end_training()
         if acc.is_main_process:
-            plot_metrics(self.logger.path, CURVES, self.output_dir / "curves.png", title=f"policy gradient ({self.cfg.method.name})")
+            plot_metrics(self.logger.path, CURVES, self.output_dir / "curves.png", title=f"policy gradient ({self.cfg.method.name})",
+                        markers=self.monitor.markers())
         rows = read_jsonl(self.logger.path)
         summary = {"epochs": self.epoch, "lora": str(lora_path) if lora_path else None, "output_dir": str(self.output_dir),
                    "metrics": str(self.logger.path), "nan_rewards": self.nan_total,
-                   "first": rows[0] if rows else {}, "last": rows[-1] if rows else {}}
+                   "first": rows[0] if rows else {}, "last": rows[-1] if rows else {}, "monitor": self.monitor.finish()}
         if acc.is_main_process:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _observe(self, val: dict) -> dict:
+        """The monitor's signals for the validation just run (its images; `best/` when the held-out score improves)."""
+        images, prompts, index = self._val_batch
+        save = weights_saver(self.pipe, self.model, self.ema, lora=self.cfg.lora.enabled, full_dir=self.adapter.denoiser_attr)
+        return self.monitor.on_validation(self.epoch, val, images, prompts, index, save_best=save)
 
     def _mean_over_processes(self, scalars: dict) -> dict:
         if self.accelerator.num_processes == 1:

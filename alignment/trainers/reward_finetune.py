@@ -65,6 +65,7 @@ from reward_plugins.registry import create_reward, parse_name, resolve_dtype
 
 from .. import losses
 from ..configs import check_counts, count, save_config
+from ..monitor import MonitorHook, MonitorSection, check_monitor, image_embedder, weights_saver
 from ..plots import plot_metrics
 from ..sampling import decode, denoise, negative_embeds, renoise_final_step
 from .common import (
@@ -244,6 +245,7 @@ class RewardFinetuneConfig:
     reward: RewardSection = field(default_factory=RewardSection)
     eval_reward: RewardSection | None = None
     data: DataSection = field(default_factory=DataSection)
+    monitor: MonitorSection = field(default_factory=MonitorSection)
 
 
 def check_method(method: MethodSection, sampling: SamplingSection) -> None:
@@ -408,6 +410,7 @@ class RewardFinetuner:
         self.output_dir = Path(output_dir or config.train.output_dir)
         check_counts(config)
         check_method(config.method, config.sampling)
+        check_monitor(config.monitor)
         if config.method.name == "rwr" and config.train.batch_size < 2:
             # The weights are normalised over each micro-batch: with one sample every weight is 1 and RWR
             # silently becomes plain fine-tuning on its own samples.
@@ -478,6 +481,9 @@ class RewardFinetuner:
         self.model = unwrap(self.unet)
         self.logger = JsonlLogger(self.output_dir / METRICS_FILE, enabled=self.accelerator.is_main_process)
         self.step = 0
+        # Reward-hacking monitor at every validation (embedding diversity in the reward's own image space).
+        self.monitor = MonitorHook(config.monitor, self.output_dir, self.accelerator, embed=image_embedder(self.reward))
+        self._val_batch: tuple[torch.Tensor, list[str], list[int]] | None = None
 
     # -- checks --------------------------------------------------------------------------------------
     def _check_differentiable(self, reward: CompositeReward, what: str) -> None:
@@ -694,6 +700,7 @@ class RewardFinetuner:
         m = self.cfg.data.val_images_per_prompt
         shape = (len(self.val_prompts), 3, self.resolution, self.resolution)
         div = torch.zeros(2, *shape) if m >= 2 else None
+        kept: list[torch.Tensor] = []  # this process's images, for the monitor
         for start in range(0, len(mine), bs):
             idx = mine[start:start + bs]
             chunk = [prompts[i] for i in idx]
@@ -711,6 +718,7 @@ class RewardFinetuner:
             for k, v in stats.items():
                 sums[k] += v * len(idx)
             count += len(idx)
+            kept.append(images.detach().float().cpu())
             if div is not None and tuple(images.shape[1:]) == shape[1:]:
                 x = images.detach().float().cpu()
                 for b, i in enumerate(idx):
@@ -720,6 +728,8 @@ class RewardFinetuner:
         vec = torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64, device=self.accelerator.device)
         vec = self.accelerator.reduce(vec, reduction="sum")
         self.model.train(was_training)
+        self._val_batch = (torch.cat(kept) if kept else torch.zeros(0, 3, self.resolution, self.resolution),
+                           [prompts[i] for i in mine], mine)
         result = {k: float(vec[i] / vec[-1]) for i, k in enumerate(keys)}
         if div is not None:
             s, sq = self.accelerator.reduce(div.to(self.accelerator.device), reduction="sum").cpu()
@@ -782,6 +792,7 @@ class RewardFinetuner:
             self._apply_calibration(calibration)
             if acc.is_main_process:  # drop log rows written after the checkpoint by the interrupted run
                 drop_log_rows_after(self.logger.path, self.step)
+            self.monitor.resume(self.step)
         else:
             if acc.is_main_process and self.logger.path.exists():
                 self.logger.path.unlink()
@@ -791,18 +802,24 @@ class RewardFinetuner:
         if acc.is_main_process and t.report_to == "tensorboard" and acc.log_with:
             acc.init_trackers("reward_finetune", init_kwargs=resume_tracker_kwargs(self.step))
         if self.step == 0:
-            self._log(self.validate(), 0)
+            val = self.validate()
+            self._log({**val, **self._observe(val)}, 0)
 
         self.unet.train()
         while self.step < t.max_steps:
             scalars = self.train_step()
             scalars = self._mean_over_processes(scalars)
             if (t.validate_every and self.step % t.validate_every == 0) or self.step == t.max_steps:
-                scalars.update(self.validate())
-            if t.log_every and (self.step % t.log_every == 0 or self.step == t.max_steps or any(k.startswith("val/") for k in scalars)):
+                val = self.validate()
+                scalars.update(val)
+                scalars.update(self._observe(val))
+            stop = self.monitor.should_stop()  # on_alarm: stop ends the run at this validation
+            if t.log_every and (self.step % t.log_every == 0 or self.step == t.max_steps or stop or any(k.startswith("val/") for k in scalars)):
                 self._log(scalars, self.step)
-            if (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps:
+            if (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps or stop:
                 save_checkpoint(acc, self.output_dir, self.step, t.checkpoints_total_limit, {"calibration": calibration})
+            if stop:
+                break
         lora_path = None
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -814,13 +831,20 @@ class RewardFinetuner:
         acc.end_training()
         if acc.is_main_process:
             plot_metrics(self.logger.path, CURVES, self.output_dir / "curves.png",
-                         title=f"reward fine-tuning ({self.cfg.method.name})")
+                         title=f"reward fine-tuning ({self.cfg.method.name})", markers=self.monitor.markers())
         rows = read_jsonl(self.logger.path)
         summary = {"step": self.step, "lora": str(lora_path) if lora_path else None, "output_dir": str(self.output_dir),
-                   "metrics": str(self.logger.path), "first": rows[0] if rows else {}, "last": rows[-1] if rows else {}}
+                   "metrics": str(self.logger.path), "first": rows[0] if rows else {}, "last": rows[-1] if rows else {},
+                   "monitor": self.monitor.finish()}
         if acc.is_main_process:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _observe(self, val: dict) -> dict:
+        """The monitor's signals for the validation just run (its images; `best/` when the held-out score improves)."""
+        images, prompts, index = self._val_batch
+        save = weights_saver(self.pipe, self.model, self.ema, lora=self.cfg.lora.enabled)
+        return self.monitor.on_validation(self.step, val, images, prompts, index, save_best=save)
 
     def _mean_over_processes(self, scalars: dict) -> dict:
         if self.accelerator.num_processes == 1:
