@@ -54,7 +54,7 @@ def test_cli_config_errors(tmp_path, capsys):
 
 
 def _run_demo(tmp_path, capsys):
-    rc = main(["demo", "--output-dir", str(tmp_path), "--n", "2", "--prompt", "a photo of a cat", *FAST])
+    rc = main(["demo", "--random", "--output-dir", str(tmp_path), "--n", "2", "--prompt", "a photo of a cat", *FAST])
     assert rc == 0
     out = capsys.readouterr().out
     assert "RANDOM WEIGHTS" in out and "--reward lescore --checkpoint" in out and "--pipeline" in out

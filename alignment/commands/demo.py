@@ -1,9 +1,13 @@
 """`reward-align demo`: best-of-N end to end, fully offline, in seconds on a CPU.
 
-By default it builds a tiny Stable Diffusion pipeline and a tiny LeScore with RANDOM weights, saves both to
-disk in their real formats (diffusers `save_pretrained`; LeScore's official `LeScore.pt` plus a CLIP model
-dir), loads them back through the real loaders, runs best-of-N and writes contact sheets, an HTML index and
-the scores (JSON, CSV). The images are noise and the scores meaningless: it shows the plumbing works.
+By default it runs on the toy world (`alignment.toyworld`): the shipped, trained tiny text-to-image model
+draws N images per held-out caption ("a red circle on the left"), the learned toy CLIP reward picks the
+winner, and every image in the contact sheets carries the exact oracle's verdict (colour, shape,
+position: 1 right, 0 wrong), so one can see whether the reward's winner is the image that matches.
+
+`--random` keeps the plumbing check: a tiny Stable Diffusion pipeline and a tiny LeScore with RANDOM
+weights, saved in their real formats (diffusers `save_pretrained`; LeScore's official `LeScore.pt` plus a
+CLIP model dir) and loaded back through the real loaders; images are noise and scores meaningless.
 On real weights:
 
     reward-align demo --pipeline stable-diffusion-v1-5/stable-diffusion-v1-5 --reward lescore --checkpoint LeScore.pt
@@ -83,7 +87,57 @@ def _banner(lines: list[str]) -> str:
     return "\n".join([bar, *(f"  {s}" for s in lines), bar])
 
 
+def run_toyworld(args: argparse.Namespace) -> int:
+    """Best-of-N on the toy world with the oracle's verdict on every image."""
+    import dataclasses
+
+    from reward_plugins import create_reward
+
+    from ..best_of_n import best_of_n
+    from ..report import write_report
+    from ..toyworld import models, world
+
+    t0 = time.perf_counter()
+    prompts = args.prompts or world.heldout_prompts()[::5]
+    for p in prompts:
+        world.parse_caption(p)  # a clear error for a prompt outside the toy grammar
+    steps = args.steps or models.DEFAULT_STEPS
+    guidance = models.DEFAULT_GUIDANCE if args.guidance_scale is None else args.guidance_scale
+    with _quiet_loading_bars():
+        pipe = models.load_pipeline()
+        selector = create_reward(args.selector)
+    exact = create_reward("toyworld-exact")
+    print(f"toy world: the shipped tiny text-to-image model ({models.PIPELINE_DIR}),\n"
+          f"selector:  {args.selector} (picks the winner); judge: toyworld-exact (the oracle, never trained on)\n"
+          f"best-of-{args.n} for {len(prompts)} held-out captions, {steps} steps, guidance {guidance}")
+    res = best_of_n(pipe, prompts, selector, args.n, k=1, batch_size=args.batch_size, seed=args.seed,
+                    num_inference_steps=steps, guidance_scale=guidance, progress=not args.no_progress)
+    flat = res.images.flatten(0, 1)
+    verdict = exact.score(flat, [p for p in prompts for _ in range(res.n)]).per_dim
+    per_dim = {f"{args.selector.split(':')[0]}": res.scores}
+    per_dim.update({f"oracle {d}": verdict[d].view(len(prompts), res.n) for d in ("color", "shape", "position", "overall")})
+    shown = dataclasses.replace(res, per_dim=per_dim)
+    note = ("Each image shows the selector's score and the exact oracle's verdict (1 = the caption's colour, shape "
+            "or position is drawn, 0 = not). The framed image is the selector's choice.")
+    files = write_report(shown, args.output_dir, title="reward-align demo: best-of-N on the toy world", note=note,
+                         cell=160)
+    overall = per_dim["oracle overall"]
+    winners = overall.gather(1, res.top_indices[:, :1]).squeeze(1)
+    print()
+    for i, p in enumerate(prompts):
+        marks = " ".join("*" if v else "." for v in overall[i].tolist())
+        print(f"  {p:34s} oracle per image [{marks}]  winner {'matches' if winners[i] else 'does not match'}")
+    print(f"\noracle overall accuracy: a random image {float(overall.mean()):.2f}, the {args.selector} winner "
+          f"{float(winners.float().mean()):.2f} (best-of-{args.n})")
+    print(f"wrote under {args.output_dir}/: {files.index.name}, {len(files.sheets)} contact sheets in sheets/, "
+          f"{files.scores_json.name}, {files.scores_csv.name}")
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if not args.random and args.pipeline is None and args.reward is None:
+        return run_toyworld(args)
     from reward_plugins import create_reward
 
     from ..best_of_n import best_of_n
@@ -128,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"pipeline: {pipe_desc}\nreward:   {reward_desc}\n"
               f"best-of-{args.n} for {len(prompts)} prompts, {steps} steps, on {device} ({dtype})")
         res = best_of_n(pipe, prompts, reward, args.n, k=1, batch_size=args.batch_size, seed=args.seed,
-                        num_inference_steps=steps, guidance_scale=args.guidance_scale, progress=not args.no_progress)
+                        num_inference_steps=steps, guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
+                        progress=not args.no_progress)
     note = None
     if random_parts:
         note = (f"Random weights ({' and '.join(random_parts)}): images are noise and scores are meaningless. "
@@ -146,18 +201,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="offline best-of-N on a tiny random SD pipeline and tiny LeScore",
+    p = sub.add_parser("demo", help="offline best-of-N on the toy world (or --random: tiny random SD + LeScore)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="outputs/demo", help="where the report goes (default outputs/demo)")
+    p.add_argument("--random", action="store_true",
+                   help="the plumbing check: tiny random SD pipeline and tiny random LeScore instead of the toy world")
+    p.add_argument("--selector", default="toyworld-clip",
+                   help="toy world: the reward that picks the winner (default toyworld-clip; e.g. toyworld)")
     p.add_argument("--pipeline", help="real pipeline: hub id or dir (default: a tiny random one)")
     p.add_argument("--reward", help="real reward name, e.g. lescore (default: a tiny random LeScore)")
     p.add_argument("--checkpoint", help="the reward's checkpoint, e.g. LeScore.pt")
     p.add_argument("--backbone", help="the reward's backbone dir or hub id")
     p.add_argument("--prompt", dest="prompts", action="append", help="a prompt (repeatable)")
-    p.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--n", type=int, default=8, help="images per prompt (default 8)")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--steps", type=int, help="denoising steps (default 6 tiny, 30 real)")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--guidance-scale", type=float, help="default: the toy world's 3.0, else 7.5")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, fp32 on cpu), fp32, bf16, fp16")
