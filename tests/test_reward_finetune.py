@@ -287,7 +287,7 @@ json.dump({"world": tr.accelerator.num_processes, "lora": lora.tolist(), "prompt
 
 
 def test_two_processes_keep_identical_lora_weights(tmp_path):
-    """Gradients are averaged across processes by hand (the UNet is called outside DDP's forward):
+    """Gradients are reduced by DDP (every UNet call with gradients goes through the prepared module):
     two CPU processes sampling different prompts must end with the same LoRA weights."""
     import json
     import os

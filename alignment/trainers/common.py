@@ -460,7 +460,7 @@ def make_accelerator(train: TrainSection, output_dir: str | os.PathLike | None =
         >>> acc = make_accelerator(TrainSection(mixed_precision="bf16", gradient_accumulation_steps=4), "out")
     """
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, ProjectConfiguration
 
     precision = "no" if train.mixed_precision is False else train.mixed_precision  # YAML: bare `no` is false
     if precision not in PRECISIONS:
@@ -489,9 +489,14 @@ def make_accelerator(train: TrainSection, output_dir: str | os.PathLike | None =
     # Step counting must not depend on where an epoch ends (trainers cycle epochs themselves), or a resumed
     # run would sync gradients at different micro-batches than an uninterrupted one.
     plugin = GradientAccumulationPlugin(num_steps=train.gradient_accumulation_steps, sync_with_dataloader=False)
+    # DDP broadcasts buffers from rank 0 on every forward, a collective: processes that call the denoiser a
+    # different number of times per step (AlignProp's random K) would deadlock. The trained networks' buffers
+    # (position embeddings, frozen norms) are identical everywhere, so there is nothing to broadcast.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     return Accelerator(
         mixed_precision=precision,
         gradient_accumulation_plugin=plugin,
+        kwargs_handlers=[ddp],
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )

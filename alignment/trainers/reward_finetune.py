@@ -47,6 +47,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
@@ -476,8 +477,9 @@ class RewardFinetuner:
         # process); it is checkpointed as a custom object.
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
         self.ema = make_ema(self.accelerator, self.params, t)  # None unless train.ema_decay > 0
-        # Every UNet call goes to the inner module: reward-gradient methods call it several times before
-        # one backward, which DDP's reducer does not allow; gradients are averaged by `_sync_gradients`.
+        # `self.unet` is the prepared module (DDP/FSDP under several processes): every call with gradients goes
+        # through it, so the engine reduces the gradients. `self.model` is the inner module, for calls without
+        # gradients (sampling, validation, the adapter-disabled reference), state and export.
         self.model = unwrap(self.unet)
         self.logger = JsonlLogger(self.output_dir / METRICS_FILE, enabled=self.accelerator.is_main_process)
         self.step = 0
@@ -579,7 +581,8 @@ class RewardFinetuner:
         if m.name == "rwr":
             return self._rwr_step(prompts, gen, step, micro, ref)
         cond, uncond = self._encode(prompts)
-        kw = dict(generator=gen, resolution=self.resolution, reference=ref, unet=self.model, **self._sample_kwargs())
+        # Calls with gradients go through the prepared (DDP/FSDP) module, so its hooks reduce the gradients.
+        kw = dict(generator=gen, resolution=self.resolution, reference=ref, unet=self.unet, **self._sample_kwargs())
         if m.name == "draft":
             out = denoise(self.adapter, cond, uncond, grad_steps=m.k, **kw)
         elif m.name == "alignprop":
@@ -597,7 +600,7 @@ class RewardFinetuner:
                 final = denoise(self.adapter, cond, uncond, generator=gen, resolution=self.resolution,
                                 unet=self.model, **self._sample_kwargs()).latents
             out = renoise_final_step(self.adapter, final, cond, uncond, n=m.lv_n, generator=gen, reference=ref,
-                                     unet=self.model, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
+                                     unet=self.unet, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
                                      scheduler=s.scheduler, eta=s.eta, use_checkpoint=s.checkpoint_unet)
             prompts = [p for p in prompts for _ in range(m.lv_n)]
         images = decode(self.adapter, out.latents, use_checkpoint=s.checkpoint_vae)
@@ -650,7 +653,7 @@ class RewardFinetuner:
         noise = randn_tensor(latents.shape, generator=gen, device=latents.device, dtype=torch.float32)
         t = ad.sample_timesteps(latents.shape[0], gen, device=latents.device)
         x = ad.add_noise(latents.float(), noise, t).to(self.model.dtype)
-        pred = ad.unet(x, t, cond, unet=self.model).float()
+        pred = ad.unet(x, t, cond, unet=self.unet).float()  # the prepared module: DDP/FSDP reduce its gradients
         target = ad.target(latents.float(), noise, t)
         return pred, target, (x, t, cond)
 
@@ -738,16 +741,6 @@ class RewardFinetuner:
         return result
 
     # -- the loop ------------------------------------------------------------------------------------------
-    def _sync_gradients(self) -> None:
-        if self.accelerator.num_processes == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-        offset = 0
-        for p, g in zip(self.params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
-            offset += g.numel()
-
     def train_step(self) -> dict:
         """One optimizer step: the micro-batches, gradient averaging across processes, clipping, the
         update and the lr schedule. Returns this process's scalars (averaged over micro-batches)."""
@@ -755,15 +748,19 @@ class RewardFinetuner:
         tic = time.perf_counter()
         scalars: dict[str, float] = {}
         for micro in range(t.gradient_accumulation_steps):
-            loss, stats, images, prompts = self._micro_step(self.step, micro)
-            acc.backward(loss)  # divides by gradient_accumulation_steps
+            # Several denoiser calls per backward are fine under DDP: each leaf's gradient is accumulated once
+            # per backward (checkpointing is non-reentrant), and the last micro-batch's backward all-reduces
+            # the sum of all of them (DDP averages over processes); FSDP reduces in its own backward hooks.
+            last = micro == t.gradient_accumulation_steps - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self.unet):
+                loss, stats, images, prompts = self._micro_step(self.step, micro)
+                acc.backward(loss)  # divides by gradient_accumulation_steps
             stats["loss"] = float(loss.detach())
             # Spread across the micro-batch (different prompts), not per-prompt diversity: named for what it is.
             stats["samples/pixel_std_across_batch"] = float(images.float().std(0).mean()) if images.shape[0] > 1 else 0.0
             stats.update(self._eval_stats(images, prompts, self._train_prefix()))
             for k, v in stats.items():
                 scalars[k] = scalars.get(k, 0.0) + v / t.gradient_accumulation_steps
-        self._sync_gradients()
         grad_norm = acc.clip_grad_norm_(self.params, t.max_grad_norm if t.max_grad_norm else math.inf)
         self.optimizer.step()
         if self.ema is not None:
