@@ -181,3 +181,14 @@ def test_flow_dpo_recipes_parse(name):
     check_config(cfg)
     assert cfg.model.pipeline and cfg.lora.enabled and cfg.dpo.beta > 0
     assert cfg.model.weighting_scheme == ("logit_normal" if name.startswith("sd35m") else "none")
+
+
+def test_sd3_dpo_trains_with_caption_dropout_and_flux_dev_refuses_it(tmp_path, pairs):
+    # SD3 uses CFG: empty captions train its unconditional branch (the empty prompt through all three encoders)
+    trainer = DPOTrainer(dpo_config("sd3", pairs, "train.max_steps=2", "data.caption_dropout=0.5"), output_dir=tmp_path / "sd3")
+    trainer.train()
+    assert trainer.global_step == 2
+    with pytest.raises(ValueError, match="data.caption_dropout=0.5: flux is guidance-distilled"):
+        DPOTrainer(dpo_config("flux", pairs, "data.caption_dropout=0.5"), output_dir=tmp_path / "flux")
+    with pytest.warns(UserWarning, match="validation.guidance_scale=7.5"):
+        DPOTrainer(dpo_config("flux", pairs, "validation.guidance_scale=7.5"), output_dir=tmp_path / "flux2")
