@@ -192,3 +192,31 @@ def test_sd3_dpo_trains_with_caption_dropout_and_flux_dev_refuses_it(tmp_path, p
         DPOTrainer(dpo_config("flux", pairs, "data.caption_dropout=0.5"), output_dir=tmp_path / "flux")
     with pytest.warns(UserWarning, match="validation.guidance_scale=7.5"):
         DPOTrainer(dpo_config("flux", pairs, "validation.guidance_scale=7.5"), output_dir=tmp_path / "flux2")
+
+
+@pytest.mark.parametrize("family,method", [("flux", "alignprop"), ("sd3", "rwr")])
+def test_flow_reward_training_resumes_exactly(tmp_path, monkeypatch, family, method):
+    common = ["train.max_steps=4", "train.save_every=2", "data.val_prompts=[a cat]", "data.val_images_per_prompt=1"]
+    full = RewardFinetuner(reward_config(family, tmp_path / "full", method, *common), reward=Brightness())
+    full.train()
+
+    class Interrupt(Exception):
+        pass
+
+    first = RewardFinetuner(reward_config(family, tmp_path / "split", method, *common), reward=Brightness())
+    original = first._micro_step
+
+    def micro_step(step, micro):
+        if step == 3:  # after the checkpoint at step 2
+            raise Interrupt
+        return original(step, micro)
+
+    monkeypatch.setattr(first, "_micro_step", micro_step)
+    with pytest.raises(Interrupt):
+        first.train()
+    second = RewardFinetuner(reward_config(family, tmp_path / "split", method, *common), reward=Brightness())
+    second.train(resume=True)
+    a, b = dict(full.model.named_parameters()), dict(second.model.named_parameters())
+    for n in a:
+        if "lora_" in n:
+            torch.testing.assert_close(b[n], a[n], rtol=0, atol=1e-6)
