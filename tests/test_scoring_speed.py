@@ -43,3 +43,14 @@ def test_compiled_image_tower_keeps_names_scores_and_gradients():
     torch.testing.assert_close(out.detach(), before)
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_half_precision_images_are_resized_in_float32():
+    from reward_plugins.preprocess import ImageTransform
+
+    x = random_images(2, 96, 128, seed=4).bfloat16()
+    for mode in ("crop", "letterbox", "square"):
+        t = ImageTransform(64, mode)
+        out = t(x)
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out, t(x.float()).bfloat16())  # float32 arithmetic, one rounding at the end
