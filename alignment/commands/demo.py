@@ -216,7 +216,7 @@ def register(sub) -> None:
     p.add_argument("--n", type=int, default=8, help="images per prompt (default 8)")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--steps", type=int, help="denoising steps (default 6 tiny, 30 real)")
-    p.add_argument("--guidance-scale", type=float, help="default: the toy world's 3.0, else 7.5")
+    p.add_argument("--guidance-scale", type=float, help="default: the toy world's 7.0, else 7.5")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, fp32 on cpu), fp32, bf16, fp16")

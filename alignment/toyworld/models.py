@@ -27,7 +27,7 @@ CLIP_DIR = WEIGHTS_DIR / "clip"
 MANIFEST = WEIGHTS_DIR / "MANIFEST.json"
 # Sampling defaults the benchmark, the demo and the tests use (few steps: 16 images in well under 2 s).
 DEFAULT_STEPS = 10
-DEFAULT_GUIDANCE = 3.0
+DEFAULT_GUIDANCE = 7.0
 TEXT_LENGTH = 77
 
 
