@@ -218,3 +218,20 @@ def test_hook_single_process_writes_best_grids_and_report(tmp_path):
     assert hook.markers() == [(20, "divergence")]
     summary = hook.finish()
     assert summary["best"]["step"] == 10 and summary["stopped"] and (tmp_path / "monitor_report.png").is_file()
+
+
+def test_hook_resume_and_fresh_start_drop_stale_grids(tmp_path):
+    from alignment.monitor import MonitorHook
+
+    hook = MonitorHook(MonitorSection(statistics=[]), tmp_path)
+    for step in (0, 10, 20):
+        hook.on_validation(step, {"val/reward/mean": 1.0 + step}, solid([0.5] * 3, n=2), ["p", "p"])
+    strips = lambda: sorted(p.name for p in (tmp_path / "monitor_grids").glob("*.png"))  # noqa: E731
+    assert strips() == ["step-0000000.png", "step-0000010.png", "step-0000020.png"]
+    resumed = MonitorHook(MonitorSection(statistics=[]), tmp_path)
+    resumed.resume(10)  # the checkpoint is step 10: the strip of step 20 belongs to the interrupted run
+    assert strips() == ["step-0000000.png", "step-0000010.png"]
+    assert [r["step"] for r in resumed.monitor.history] == [0, 10]
+    fresh = MonitorHook(MonitorSection(statistics=[]), tmp_path)
+    fresh.on_validation(0, {"val/reward/mean": 1.0}, solid([0.5] * 3, n=2), ["p", "p"])
+    assert strips() == ["step-0000000.png"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .monitor import HackingMonitor, MonitorSection, write_best
-from .report import save_validation_grid, write_run_report
+from .report import GRIDS_DIR, save_validation_grid, write_run_report
 
 
 class MonitorHook:
@@ -44,8 +44,17 @@ class MonitorHook:
         self.seconds = 0.0  # wall time spent in the monitor (signals, rules, grids, best/), for its overhead
 
     def resume(self, step: int) -> None:
+        """Reload the monitor trimmed to `step` (after the trainer loaded that checkpoint)."""
         if self.enabled and self.main:
             self.monitor.resume(step)
+            self._drop_grids(after=step)
+
+    def _drop_grids(self, after: int) -> None:
+        """Forget validation strips of steps > `after` (an earlier run in this directory, or past the checkpoint)."""
+        folder = self.output_dir / GRIDS_DIR
+        for p in folder.glob("step-*.png") if folder.is_dir() else []:
+            if p.stem.split("-", 1)[1].isdigit() and int(p.stem.split("-", 1)[1]) > after:
+                p.unlink()
 
     def _gather(self, images: torch.Tensor | None, prompts: Sequence[str], index: Sequence[int], gathered: bool):
         """All processes' validation images in validation order (the main process gets them; others None)."""
@@ -87,6 +96,8 @@ class MonitorHook:
         signals: dict = {}
         stop = 0.0
         if self.main:
+            if step == 0:  # a fresh run: strips left by an earlier run in this directory are not ours
+                self._drop_grids(after=0)
             signals, _, is_best = self.monitor.observe(step, scalars, all_images, groups=all_prompts)
             save_validation_grid(all_images, self.output_dir, step)
             if is_best and self.monitor.section.keep_best and save_best is not None:

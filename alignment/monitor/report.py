@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .rules import relative_change
+
 GRIDS_DIR = "monitor_grids"
 REPORT_FILE = "monitor_report.png"
 THUMB = 64
@@ -60,14 +62,19 @@ def write_run_report(output_dir: str | os.PathLike, monitor) -> Path | None:
         return None
     markers = [(a.step, a.rule) for a in monitor.alarms]
     charts = []
+    base = history[0] if history else {}
+    reward_keys = [k for k in [monitor.section.train_key, *monitor.eval_keys(history[-1])] if k in base] if history else []
     groups = {
-        "rewards relative to the base model": [k for k in (history[-1] if history else {}) if k.startswith("monitor/relative/")],
+        "rewards relative to the base model": reward_keys,
         "per-prompt diversity and drift": ["monitor/diversity/pixel", "monitor/diversity/embedding",
                                            "monitor/drift/pixel", "monitor/drift/embedding"],
         "image statistics": [f"monitor/stat/{s}" for s in monitor.section.statistics],
     }
     for title, keys in groups.items():
-        series = {k.split("/", 2)[-1]: [(r["step"], r[k]) for r in history if k in r] for k in keys}
+        relative = title.startswith("rewards")
+        # Labels keep the kind ("diversity/pixel" vs "drift/pixel"): the last part alone would collide.
+        series = {k.removeprefix("monitor/"): [(r["step"], relative_change(r[k], base[k]) if relative else r[k])
+                                               for r in history if k in r] for k in keys}
         series = {k: v for k, v in series.items() if v}
         if not series:
             continue
