@@ -87,3 +87,14 @@ def test_examples_run(tmp_path, capsys):
     res = pairs["main"](["--tiny", "--n", "2", "--steps", "1", "--rule", "composite",
                          "--output-dir", str(tmp_path / "pairs")])
     assert res.manifest["complete"] and "pairs in" in capsys.readouterr().out
+
+
+def test_demo_defaults_to_the_toy_world_with_oracle_verdicts(tmp_path, capsys):
+    rc = main(["demo", "--output-dir", str(tmp_path), "--n", "2", "--prompt", "a red circle on the left",
+               "--steps", "2", "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "toy world" in out and "oracle overall accuracy" in out and "RANDOM WEIGHTS" not in out
+    doc = json.loads((tmp_path / "scores.json").read_text())
+    assert {"toyworld-clip", "oracle color", "oracle overall"} <= set(doc["prompts"][0]["images"][0])
+    assert (tmp_path / "sheets" / "prompt_0000.png").is_file()

@@ -300,6 +300,7 @@ class Row:
 
 def run_method(spec: MethodSpec, base: dict, args, workdir: Path) -> Row:
     torch.manual_seed(args.seed)
+    workdir.mkdir(parents=True, exist_ok=True)
     ctx = Context(load_base(), workdir, args.steps, args.guidance, args.budget, args.seed, args.bon_slots)
     t0 = time.perf_counter()
     out = spec.run(ctx)
