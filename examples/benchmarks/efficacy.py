@@ -275,13 +275,13 @@ def policy_gradient(ctx: Context, name: str, terms: dict, epochs: int, lr: float
 @method("ddpo", "toyworld-exact")
 def ddpo(ctx: Context) -> dict:
     """DDPO on the exact oracle (its color + shape + position 0/1 scores): no reward gradient needed"""
-    return policy_gradient(ctx, "ddpo", EXACT_TERMS, epochs=10, lr=3e-4)
+    return policy_gradient(ctx, "ddpo", EXACT_TERMS, epochs=10, lr=1e-3, clip_range=1e-2)
 
 
 @method("ddpo-clip", "toyworld-clip")
 def ddpo_clip(ctx: Context) -> dict:
     """DDPO on the learned toyworld-clip reward (judged by the exact oracle it never sees)"""
-    return policy_gradient(ctx, "ddpo-clip", {"toyworld-clip": 1.0}, epochs=10, lr=3e-4)
+    return policy_gradient(ctx, "ddpo-clip", {"toyworld-clip": 1.0}, epochs=10, lr=1e-3, clip_range=1e-2)
 
 
 # -- driver ------------------------------------------------------------------------------------------------
