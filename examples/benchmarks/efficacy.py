@@ -215,8 +215,11 @@ def mined_pairs(ctx: Context, reward: str = "toyworld-clip") -> Path:
     return out
 
 
-def dpo(ctx: Context, loss_type: str, online: bool = False, steps: int = 60, beta: float = 500.0,
-        lr: float = 2e-3) -> dict:
+def dpo(ctx: Context, loss_type: str, online: bool = False, steps: int = 60, beta: float = 5000.0,
+        lr: float = 5e-4) -> dict:
+    # beta = 500 with lr 2e-3 (first run) let the policy drift: its denoising MSE doubled against the
+    # reference while the implicit accuracy rose, and held-out colour/shape accuracy fell (0.42 -> 0.34,
+    # 0.58 -> 0.42). beta = 5000 (the paper's range) keeps it near the reference.
     from alignment.trainers.dpo import DataSection, DPOConfig, DPOSection, OnlineSection, train_dpo
 
     name = f"dpo-{loss_type}-{'online' if online else 'offline'}"
