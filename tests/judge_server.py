@@ -31,7 +31,17 @@ class FaultProxy:
             def log_message(self, *args):
                 pass
 
+            def _release(self) -> None:
+                # A request stops counting as in flight before its answer goes out: the client may send its
+                # next request the moment it has read this one, before this thread gets to run again.
+                if getattr(self, "_counted", False):
+                    self._counted = False
+                    with proxy.lock:
+                        proxy.inflight -= 1
+
             def _send(self, code: int, body: bytes) -> None:
+                if self.command == "POST":
+                    self._release()
                 try:
                     self.send_response(code)
                     self.send_header("Content-Type", "application/json")
@@ -60,6 +70,7 @@ class FaultProxy:
                     proxy.inflight += 1
                     proxy.max_inflight = max(proxy.max_inflight, proxy.inflight)
                     fault = proxy.plan.pop(0) if proxy.plan else None
+                self._counted = True
                 try:
                     if fault == "500":
                         self._send(500, b'{"error": "injected"}')
@@ -74,8 +85,7 @@ class FaultProxy:
                         time.sleep(proxy.delay)
                         self._forward(body)
                 finally:
-                    with proxy.lock:
-                        proxy.inflight -= 1
+                    self._release()
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

@@ -50,7 +50,7 @@ def test_cli_config_errors(tmp_path, capsys):
     assert "no prompts" in capsys.readouterr().err
     assert main(["pairs", "--config", str(ROOT / "configs/tiny/pairs.yaml"), "--n", "1",
                  "--output-dir", str(tmp_path / "p")]) == 1
-    assert "at least two images" in capsys.readouterr().err
+    assert "n must be an integer >= 2; got 1" in capsys.readouterr().err
 
 
 def _run_demo(tmp_path, capsys):
