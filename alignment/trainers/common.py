@@ -728,6 +728,23 @@ def resume_tracker_kwargs(step: int) -> dict:
     return {"tensorboard": {"purge_step": int(step) + 1}} if step > 0 else {}
 
 
+def mean_over_processes(accelerator, scalars: dict) -> dict:
+    """Each scalar averaged over the processes (unchanged with one process); every process gets the result."""
+    if accelerator.num_processes == 1:
+        return scalars
+    keys = sorted(scalars)
+    vec = torch.tensor([scalars[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    vec = accelerator.reduce(vec, reduction="mean")
+    return {k: float(v) for k, v in zip(keys, vec.tolist())}
+
+
+def log_scalars(accelerator, logger: JsonlLogger, report_to: str, scalars: dict, step: int) -> None:
+    """One row to ``metrics.jsonl`` and, when tensorboard is on, to accelerate's trackers."""
+    logger.log(scalars, step)
+    if accelerator.log_with and report_to == "tensorboard":
+        accelerator.log(scalars, step=step)
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     p = Path(path)
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []

@@ -70,8 +70,10 @@ from .common import (
     export_lora,
     freeze_pipeline,
     latest_checkpoint,
+    log_scalars,
     make_accelerator,
     make_ema,
+    mean_over_processes,
     progress_bar,
     read_checkpoint_state,
     read_jsonl,
@@ -784,17 +786,10 @@ class PolicyGradientTrainer:
         return self.monitor.on_validation(self.epoch, val, images, prompts, index, save_best=save)
 
     def _mean_over_processes(self, scalars: dict) -> dict:
-        if self.accelerator.num_processes == 1:
-            return scalars
-        keys = sorted(scalars)
-        vec = torch.tensor([scalars[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
-        vec = self.accelerator.reduce(vec, reduction="mean")
-        return {k: float(v) for k, v in zip(keys, vec.tolist())}
+        return mean_over_processes(self.accelerator, scalars)
 
     def _log(self, scalars: dict, step: int) -> None:
-        self.logger.log(scalars, step)
-        if self.accelerator.log_with and self.cfg.train.report_to == "tensorboard":
-            self.accelerator.log(scalars, step=step)
+        log_scalars(self.accelerator, self.logger, self.cfg.train.report_to, scalars, step)
 
 
 def train_rl(config: PolicyGradientConfig, output_dir: str | None = None, resume: bool = False, **kwargs) -> dict:
