@@ -235,3 +235,20 @@ def test_hook_resume_and_fresh_start_drop_stale_grids(tmp_path):
     fresh = MonitorHook(MonitorSection(statistics=[]), tmp_path)
     fresh.on_validation(0, {"val/reward/mean": 1.0}, solid([0.5] * 3, n=2), ["p", "p"])
     assert strips() == ["step-0000000.png"]
+
+
+def test_hook_adds_the_training_reward_window_to_the_record(tmp_path):
+    from alignment.monitor import MonitorHook
+
+    hook = MonitorHook(MonitorSection(statistics=[], train_key="train/reward/mean/window_mean"), tmp_path)
+    img = solid([0.5] * 3, n=2)
+    hook.on_validation(0, {"val/reward/mean": 1.0, "val/rewards/eval/mean": 0.5}, img, ["p", "p"])
+    for r in (1.0, 2.0, 3.0, float("nan")):
+        hook.record_training({"reward/mean": r, "loss": 0.1})
+    hook.on_validation(3, {"val/reward/mean": 1.0, "val/rewards/eval/mean": 0.5}, img, ["p", "p"])
+    assert hook.monitor.history[-1]["train/reward/mean/window_mean"] == pytest.approx(2.0)
+    hook.record_training({"reward/mean": 5.0})
+    hook.on_validation(4, {"val/reward/mean": 1.0, "val/rewards/eval/mean": 0.2}, img, ["p", "p"])
+    assert hook.monitor.history[-1]["train/reward/mean/window_mean"] == 5.0  # the window restarts
+    # the training-prompt reward rose while the held-out one fell: divergence on the windowed key
+    assert [a.rule for a in hook.monitor.alarms] == ["divergence"]

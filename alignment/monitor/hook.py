@@ -12,6 +12,7 @@ Example (inside a trainer):
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +22,9 @@ import torch
 
 from .monitor import HackingMonitor, MonitorSection, write_best
 from .report import GRIDS_DIR, save_validation_grid, write_run_report
+
+# Training-step scalars averaged between validations (ReFL's objective is its one-step x̂₀ reward).
+TRAINING_KEYS = ("reward/mean", "x0/reward/mean")
 
 
 class MonitorHook:
@@ -42,6 +46,7 @@ class MonitorHook:
         self.enabled = section.enabled
         self._stop = False
         self.seconds = 0.0  # wall time spent in the monitor (signals, rules, grids, best/), for its overhead
+        self._window: dict[str, list[float]] = {}
 
     def resume(self, step: int) -> None:
         """Reload the monitor trimmed to `step` (after the trainer loaded that checkpoint)."""
@@ -72,6 +77,21 @@ class MonitorHook:
             return None, None
         return torch.stack([x[2] for x in everything]), [x[1] for x in everything]
 
+    def record_training(self, scalars: dict) -> None:
+        """Note one training step's scalars (already averaged over processes).
+
+        At the next validation the mean of each ``TRAINING_KEYS`` value since the previous validation is
+        added to the record as ``train/<key>/window_mean``: the reward the optimiser sees on the training
+        prompts, which keeps rising while a hacked model gets worse on held-out prompts. A resumed run
+        starts a new window at its checkpoint.
+        """
+        if not self.enabled:
+            return
+        for key in TRAINING_KEYS:
+            v = scalars.get(key)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self._window.setdefault(key, []).append(float(v))
+
     def on_validation(self, step: int, scalars: dict, images: torch.Tensor | None, prompts: Sequence[str],
                       index: Sequence[int] | None = None, save_best: Callable[[Path], None] | None = None,
                       gathered: bool = False) -> dict:
@@ -90,6 +110,8 @@ class MonitorHook:
         if not self.enabled:
             return {}
         tic = time.perf_counter()
+        scalars = {**scalars, **{f"train/{k}/window_mean": sum(v) / len(v) for k, v in self._window.items() if v}}
+        self._window = {}
         index = list(range(len(prompts))) if index is None else list(index)
         local = images.float().clamp(0, 1) if images is not None else None
         all_images, all_prompts = self._gather(local, list(prompts), index, gathered)

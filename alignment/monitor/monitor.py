@@ -42,7 +42,10 @@ class MonitorSection:
         enabled: run the monitor at every validation (it needs ``validate_every > 0`` to see anything).
         on_alarm: ``"warn"`` logs the alarm and goes on; ``"stop"`` ends the run at the validation where
             a rule fired (the last and the best checkpoints are both kept).
-        train_key: the training reward on the validation set.
+        train_key: the training reward the divergence rule watches: ``val/reward/mean`` (the training
+            reward on the held-out validation prompts and seeds) or ``train/reward/mean/window_mean`` (the
+            training-prompt reward the optimiser saw, averaged since the previous validation; reward
+            fine-tuning and policy gradient record it, DPO has no such reward).
         eval_keys: held-out evaluation rewards to watch; empty means every ``val/rewards/eval/...`` mean
             the trainer logs.
         best_key: the score that picks ``best/``; None means the first evaluation key, or the training

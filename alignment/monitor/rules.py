@@ -62,8 +62,11 @@ def divergence(
         peak_step, peak = ev[peak_i]
         now_step, now = ev[i]
         drop = relative_change(peak, base_eval) - relative_change(now, base_eval)
-        rising = now_step in train and peak_step in train and (
-            relative_change(train[now_step], base_train) > relative_change(train[peak_step], base_train)
+        # The training reward at the peak, or the first one recorded after it (a windowed training reward
+        # has no value at step 0).
+        at_peak = next((v for st, v in sorted(train.items()) if st >= peak_step), None)
+        rising = now_step in train and at_peak is not None and (
+            relative_change(train[now_step], base_train) > relative_change(at_peak, base_train)
         )
         return drop > tolerance and rising, peak_step, drop
 

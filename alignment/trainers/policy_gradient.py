@@ -744,6 +744,7 @@ class PolicyGradientTrainer:
         bar = progress_bar(acc, t.max_steps, self.epoch, desc=f"{self.cfg.method.name} epochs")
         while self.epoch < t.max_steps:
             scalars = self.train_epoch()
+            self.monitor.record_training(scalars)
             if (t.validate_every and self.epoch % t.validate_every == 0) or (t.validate_every and self.epoch == t.max_steps):
                 val = self.validate()
                 scalars.update(val)

@@ -808,6 +808,7 @@ class RewardFinetuner:
         while self.step < t.max_steps:
             scalars = self.train_step()
             scalars = self._mean_over_processes(scalars)
+            self.monitor.record_training(scalars)
             if (t.validate_every and self.step % t.validate_every == 0) or self.step == t.max_steps:
                 val = self.validate()
                 scalars.update(val)

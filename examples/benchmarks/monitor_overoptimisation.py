@@ -69,7 +69,7 @@ def make_config(args, out: Path, on_alarm: str) -> RewardFinetuneConfig:
         data=DataSection(prompts=world.train_prompts(), val_prompts=world.heldout_prompts(),
                          val_images_per_prompt=args.val_images),
         monitor=MonitorSection(on_alarm=on_alarm, eval_keys=[ORACLE_KEY], divergence_tolerance=args.tolerance,
-                               divergence_patience=args.patience),
+                               divergence_patience=args.patience, train_key=args.train_key),
     )
 
 
@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=models.DEFAULT_GUIDANCE)
     p.add_argument("--tolerance", type=float, default=0.1, help="monitor.divergence_tolerance")
     p.add_argument("--patience", type=int, default=1, help="monitor.divergence_patience")
+    p.add_argument("--train-key", default="val/reward/mean",
+                   help="monitor.train_key: val/reward/mean (held-out prompts) or train/reward/mean/window_mean "
+                        "(the training prompts' reward since the previous validation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
