@@ -47,8 +47,11 @@ def diffusion_dpo_loss(
     ``h = logits / β = −½·((mse_w − mse_l) − (ref_w − ref_l))``, not on the β-scaled logits: its optimum
     is ``logits = ½`` whatever β, so pairs the model prefers by less than that keep being pushed apart.
     (IPO's target applied to the already scaled logits would put the optimum at logits = 1/(2β), 1e-4 at
-    β = 5000, and push the winner's error up from there on: it cannot learn.) The loss values are
-    small (h is ~1e-4); Adam's updates do not depend on the loss scale, so learning rates carry over.
+    β = 5000, and push the winner's error up from there on: it cannot learn.) The loss is returned
+    multiplied by β², ``β²·(h − 1/(2β))² = (logits − ½)²``: the same minimiser and Adam direction, but
+    gradients on the scale of the sigmoid loss's. Unscaled, its gradients are β²/(β/2) times smaller
+    (at β = 5000 the toy-world LoRA gradient norm was ~1e-5, ~4e-8 per parameter): Adam's ε = 1e-8 then
+    shrinks the updates, and a fixed `max_grad_norm` or loss weighting means something else for IPO.
 
     Args:
         model_w: (B,) MSE of the trained model's prediction on the winner's noisy latent.
@@ -96,8 +99,9 @@ def diffusion_dpo_loss(
     elif loss_type == "hinge":
         losses = F.relu(1.0 - logits)
     else:
-        # IPO's target belongs to the unscaled log-ratio difference h = logits / β (see the docstring).
-        losses = (logits / beta - 1.0 / (2.0 * beta)) ** 2
+        # IPO's target belongs to the unscaled log-ratio difference h = logits / β; the β² factor
+        # keeps its gradients clear of Adam's ε (see the docstring): β²·(h − 1/(2β))² = (logits − ½)².
+        losses = (logits - 0.5) ** 2
     loss = losses.mean()
 
     with torch.no_grad():

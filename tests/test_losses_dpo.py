@@ -24,8 +24,9 @@ def _sigmoid(x):
     [
         ("sigmoid", sum(-math.log(_sigmoid(z)) for z in LOGITS) / 2),
         ("hinge", sum(max(0.0, 1 - z) for z in LOGITS) / 2),  # (0.5 + 2.0) / 2
-        # IPO on the unscaled log-ratio difference h = logits / beta: ((0.05 - 0.05)^2 + (-0.1 - 0.05)^2) / 2
-        ("ipo", sum((z / BETA - 1 / (2 * BETA)) ** 2 for z in LOGITS) / 2),
+        # IPO on the unscaled log-ratio difference h = logits / beta, times beta^2:
+        # beta^2 * ((0.05 - 0.05)^2 + (-0.1 - 0.05)^2) / 2 = ((0.5 - 0.5)^2 + (-1 - 0.5)^2) / 2
+        ("ipo", sum(BETA**2 * (z / BETA - 1 / (2 * BETA)) ** 2 for z in LOGITS) / 2),
     ],
 )
 def test_loss_matches_hand_computed(loss_type, expected):
@@ -44,7 +45,7 @@ def test_hand_values_are_the_expected_numbers():
     loss, _ = diffusion_dpo_loss(MW, ML, RW, RL, beta=BETA, loss_type="hinge")
     assert loss.item() == pytest.approx(1.25)
     loss, _ = diffusion_dpo_loss(MW, ML, RW, RL, beta=BETA, loss_type="ipo")
-    assert loss.item() == pytest.approx(0.15**2 / 2)
+    assert loss.item() == pytest.approx(1.5**2 / 2)
 
 
 def test_gradient_direction_lowers_winner_error():
@@ -117,3 +118,32 @@ def test_ipo_optimum_is_half_in_logit_units():
                                         torch.tensor([0.0]), beta=beta, loss_type="ipo")[0].item()
                   for z in (0.3, 0.5, 0.7)}
         assert losses[0.5] == pytest.approx(0.0, abs=1e-12) and losses[0.3] > 0 and losses[0.7] > 0
+
+
+@pytest.mark.parametrize("beta", [2500.0, 5000.0])
+def test_ipo_gradients_are_on_the_sigmoid_scale(beta):
+    # Unscaled, IPO's gradient at logits = 0 is 1/(2 beta) of d(logits)/d(mse) / beta: 1e-7 of sigmoid's at
+    # beta = 5000, small enough for Adam's eps = 1e-8 to shrink the LoRA updates (toy world: grad norm ~1e-5).
+    grads = {}
+    for lt in ("sigmoid", "ipo"):
+        mw = torch.tensor([0.1], requires_grad=True)
+        diffusion_dpo_loss(mw, torch.tensor([0.1]), torch.tensor([0.1]), torch.tensor([0.1]), beta=beta,
+                           loss_type=lt)[0].backward()
+        grads[lt] = mw.grad.item()
+    # d/d mse_w at logits 0: sigmoid 0.5 * beta/2, IPO 2 * 0.5 * beta/2.
+    assert grads["sigmoid"] == pytest.approx(beta / 4)
+    assert grads["ipo"] == pytest.approx(beta / 2)
+
+
+def test_ipo_adam_step_is_not_shrunk_by_epsilon():
+    # One Adam step on a parameter that sets the winner's error: it moves by ~lr (Adam's sign-like first
+    # step), not by a fraction of lr as when the gradient is comparable to eps.
+    theta = torch.nn.Parameter(torch.tensor([0.0]))
+    opt = torch.optim.Adam([theta], lr=1e-3, eps=1e-8)
+    scale = 1e-6  # d mse_w / d theta, as small as a LoRA parameter's share of the error
+    mw = 0.1 + scale * theta
+    loss, _ = diffusion_dpo_loss(mw, torch.tensor([0.1]), torch.tensor([0.1]), torch.tensor([0.1]), beta=5000.0,
+                                 loss_type="ipo")
+    loss.backward()
+    opt.step()
+    assert theta.item() == pytest.approx(-1e-3, rel=0.05)
