@@ -245,8 +245,9 @@ def test_hook_adds_the_training_reward_window_to_the_record(tmp_path):
     hook.on_validation(0, {"val/reward/mean": 1.0, "val/rewards/eval/mean": 0.5}, img, ["p", "p"])
     for r in (1.0, 2.0, 3.0, float("nan")):
         hook.record_training({"reward/mean": r, "loss": 0.1})
-    hook.on_validation(3, {"val/reward/mean": 1.0, "val/rewards/eval/mean": 0.5}, img, ["p", "p"])
+    sig = hook.on_validation(3, {"val/reward/mean": 1.0, "val/rewards/eval/mean": 0.5}, img, ["p", "p"])
     assert hook.monitor.history[-1]["train/reward/mean/window_mean"] == pytest.approx(2.0)
+    assert sig["train/reward/mean/window_mean"] == pytest.approx(2.0)  # logged too
     hook.record_training({"reward/mean": 5.0})
     hook.on_validation(4, {"val/reward/mean": 1.0, "val/rewards/eval/mean": 0.2}, img, ["p", "p"])
     assert hook.monitor.history[-1]["train/reward/mean/window_mean"] == 5.0  # the window restarts

@@ -110,7 +110,8 @@ class MonitorHook:
         if not self.enabled:
             return {}
         tic = time.perf_counter()
-        scalars = {**scalars, **{f"train/{k}/window_mean": sum(v) / len(v) for k, v in self._window.items() if v}}
+        window = {f"train/{k}/window_mean": sum(v) / len(v) for k, v in self._window.items() if v}
+        scalars = {**scalars, **window}
         self._window = {}
         index = list(range(len(prompts))) if index is None else list(index)
         local = images.float().clamp(0, 1) if images is not None else None
@@ -121,6 +122,7 @@ class MonitorHook:
             if step == 0:  # a fresh run: strips left by an earlier run in this directory are not ours
                 self._drop_grids(after=0)
             signals, _, is_best = self.monitor.observe(step, scalars, all_images, groups=all_prompts)
+            signals.update(window)  # logged beside the signals, so the curves show what the rule compared
             save_validation_grid(all_images, self.output_dir, step)
             if is_best and self.monitor.section.keep_best and save_best is not None:
                 write_best(self.output_dir, self.monitor.best, save_best)
