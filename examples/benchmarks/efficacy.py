@@ -35,7 +35,7 @@ from alignment.toyworld import models, world  # noqa: E402
 from reward_plugins import create_reward  # noqa: E402
 
 DIMS = ("color", "shape", "position", "overall")
-TARGET_GAIN = 0.10  # the issue's bar: +10 points of held-out exact overall accuracy
+TARGET_GAIN = 0.10  # the project's bar: +10 points of held-out exact accuracy, overall and on every dimension
 
 
 @dataclass
@@ -187,26 +187,30 @@ def rwr(ctx: Context) -> dict:
 
 @method("draft", "toyworld")
 def draft(ctx: Context) -> dict:
-    """DRaFT-K (K = 1) on the soft oracle"""
-    return reward_finetune(ctx, "draft", "toyworld", steps=40, lr=2e-3, k=1)
+    """DRaFT-K (K = 10: every sampler step keeps its graph) on the soft oracle"""
+    # Measured on the toy world: K = 1 at lr 2e-3 moved nothing in 40 steps (0.188 -> 0.201) and collapsed by
+    # 160. The last of 10 DDIM steps runs at t = 1, where d x_prev / d eps = -0.012 (0.2-0.6 at every other
+    # step): K = 1 trains on almost no signal. K = 10 at lr 1e-3: 50 steps 0.292, 100 steps 0.333, 200 steps
+    # 0.438 (every dimension +16 points or more, 337 s); lr 2e-3 with K = 10 was worse (50 steps: 0.229).
+    return reward_finetune(ctx, "draft", "toyworld", steps=200, lr=1e-3, k=10)
 
 
 @method("draft-lv", "toyworld")
 def draft_lv(ctx: Context) -> dict:
     """DRaFT-LV (n = 2) on the soft oracle"""
-    return reward_finetune(ctx, "draft-lv", "toyworld", steps=30, lr=2e-3, lv_n=2)
+    return reward_finetune(ctx, "draft-lv", "toyworld", steps=50, lr=1e-3, lv_n=2)
 
 
 @method("alignprop", "toyworld")
 def alignprop(ctx: Context) -> dict:
-    """AlignProp: K ~ U{1..3} on the soft oracle"""
-    return reward_finetune(ctx, "alignprop", "toyworld", steps=30, lr=2e-3, truncation_range=[1, 3])
+    """AlignProp: K ~ U{1..10} on the soft oracle"""
+    return reward_finetune(ctx, "alignprop", "toyworld", steps=50, lr=1e-3, truncation_range=[1, 10])
 
 
 @method("refl", "toyworld")
 def refl(ctx: Context) -> dict:
     """ReFL: one gradient step at a late x0-hat on the soft oracle (hinge at 1.0)"""
-    return reward_finetune(ctx, "refl", "toyworld", steps=40, lr=2e-3, refl_target=1.0, refl_scale=1.0)
+    return reward_finetune(ctx, "refl", "toyworld", steps=50, lr=1e-3, refl_target=1.0, refl_scale=1.0)
 
 
 def mined_pairs(ctx: Context, reward: str = "toyworld-clip", n: int = 6, pairs_per_prompt: int = 3) -> Path:
@@ -310,6 +314,11 @@ class Row:
     passed: bool = field(default=False)
 
 
+def meets_target(before: dict, after: dict) -> bool:
+    """+`TARGET_GAIN` or more on every dimension and overall (a row passes only if none lags)."""
+    return min(after[d] - before[d] for d in DIMS) >= TARGET_GAIN - 1e-9
+
+
 def run_method(spec: MethodSpec, base: dict, args, workdir: Path) -> Row:
     torch.manual_seed(args.seed)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -325,9 +334,8 @@ def run_method(spec: MethodSpec, base: dict, args, workdir: Path) -> Row:
     if before_reward is None:
         before_reward = evaluate(load_base(), spec.reward, args.steps, args.guidance)["reward"]
         base["rewards"][spec.reward] = before_reward
-    gain = after["exact"]["overall"] - base["exact"]["overall"]
     return Row(spec.name, spec.reward, before_reward, after["reward"], base["exact"], after["exact"],
-               int(out["samples"]), wall, passed=gain >= TARGET_GAIN)
+               int(out["samples"]), wall, passed=meets_target(base["exact"], after["exact"]))
 
 
 def format_table(rows: list[dict]) -> str:
@@ -338,7 +346,7 @@ def format_table(rows: list[dict]) -> str:
         dims = " | ".join(f"{eb[d]:.2f} -> {ea[d]:.2f}" for d in ("color", "shape", "position"))
         lines.append(f"| {r['method']} | {r['reward']} | {r['reward_before']:.3f} -> {r['reward_after']:.3f} | "
                      f"{eb['overall']:.3f} -> {ea['overall']:.3f} | {dims} | {r['samples']} | {r['wall_s']:.0f} | "
-                     f"{'yes' if r['passed'] else 'NO'} |")
+                     f"{'yes' if meets_target(eb, ea) else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -415,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if rows:
         chart(rows, base, out / "efficacy.png")
-    failed = [r["method"] for r in rows if not r["passed"] and not r["method"].startswith("best-of-1")]
+    failed = [r["method"] for r in rows if not meets_target(r["exact_before"], r["exact_after"]) and r["method"] != "best-of-1"]
     if failed:
         print(f"below +{TARGET_GAIN * 100:.0f} points of held-out exact accuracy: {', '.join(failed)}")
     print(f"wrote {results_path}, {out / 'table.md'}, {out / 'efficacy.png'}")
