@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -142,6 +143,9 @@ for _m in BEST_OF_N:
 def _common_train(ctx: Context, name: str, steps: int, lr: float, batch: int):
     from alignment.trainers.common import LoraSection, ModelSection, TrainSection
 
+    # A method trains from scratch every time it runs (a finished one is skipped via results.json): a
+    # training dir left by an interrupted or --force run would make the trainer refuse to start.
+    shutil.rmtree(ctx.workdir / name, ignore_errors=True)
     model = ModelSection(pipeline=str(models.PIPELINE_DIR))
     lora = LoraSection(rank=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"])
     train = TrainSection(seed=ctx.seed, lr=lr, max_steps=ctx.budget(steps), batch_size=batch, save_every=0,
