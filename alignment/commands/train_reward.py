@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._training import add_training_args
+from ._training import add_training_args, method_overrides
 
 METHOD_CHOICES = ("rwr", "draft", "draft-lv", "alignprop", "refl")
 
@@ -21,12 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from ..configs import load_config
     from ..trainers.reward_finetune import RewardFinetuneConfig, RewardFinetuner
 
-    overrides = list(args.overrides or [])
-    if args.method:
-        overrides.append(f"method.name={args.method}")
-    if args.output_dir:
-        overrides.append(f"train.output_dir={args.output_dir}")
-    cfg = load_config(RewardFinetuneConfig, args.config, overrides)
+    cfg = load_config(RewardFinetuneConfig, args.config, method_overrides(args))
     trainer = RewardFinetuner(cfg)
     summary = trainer.train(resume=args.resume)
     if trainer.accelerator.is_main_process:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._training import add_training_args
+from ._training import add_training_args, method_overrides
 
 METHOD_CHOICES = ("ddpo", "grpo")
 
@@ -22,12 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from ..configs import load_config
     from ..trainers.policy_gradient import PolicyGradientConfig, PolicyGradientTrainer
 
-    overrides = list(args.overrides or [])
-    if args.method:
-        overrides.append(f"method.name={args.method}")
-    if args.output_dir:
-        overrides.append(f"train.output_dir={args.output_dir}")
-    cfg = load_config(PolicyGradientConfig, args.config, overrides)
+    cfg = load_config(PolicyGradientConfig, args.config, method_overrides(args))
     trainer = PolicyGradientTrainer(cfg)
     summary = trainer.train(resume=args.resume)
     if trainer.accelerator.is_main_process:
