@@ -1,0 +1,122 @@
+"""The efficacy benchmark's registry and shared machinery: what a method receives, how it is judged.
+
+A method is one ``@method(name, reward)`` function ``fn(ctx) -> dict`` in one of this package's modules
+(one module per family of methods, so each can be tuned on its own). It returns either the trained
+pipeline (``{"pipe": ..., "samples": int}``) or, for selection methods, the measured scores
+(``{"exact": {dim: acc}, "reward": float, "samples": int}``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alignment.best_of_n import best_of_n
+from alignment.toyworld import models, world
+from reward_plugins import create_reward
+
+DIMS = ("color", "shape", "position", "overall")
+TARGET_GAIN = 0.10  # the project's bar: +10 points of held-out exact accuracy, overall and on every dimension
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"]
+
+
+@dataclass
+class Context:
+    """What a method gets: a fresh base pipeline, a work dir, and the shared sampling settings."""
+
+    pipe: object
+    workdir: Path
+    steps: int
+    guidance: float
+    scale: float  # budget multiplier (--budget): 1.0 is the default budget of each method
+    seed: int = 0
+    bon_slots: int = world.EVAL_IMAGES_PER_PROMPT
+
+    def budget(self, n: int) -> int:
+        return max(1, int(round(n * self.scale)))
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    reward: str
+    run: Callable[[Context], dict]
+    description: str = ""
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def method(name: str, reward: str, description: str = ""):
+    """Register a benchmark method trained on (or selecting by) the reward named `reward`."""
+
+    def deco(fn: Callable[[Context], dict]) -> Callable[[Context], dict]:
+        if name in METHODS:
+            raise ValueError(f"benchmark method {name!r} is already registered.")
+        METHODS[name] = MethodSpec(name, reward, fn, description or (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return deco
+
+
+def evaluate(pipe, train_reward: str, steps: int, guidance: float) -> dict:
+    """Held-out prompts x held-out seeds: exact oracle accuracy per dimension and the mean training reward."""
+    exact = create_reward("toyworld-exact")
+    res = best_of_n(pipe, world.heldout_prompts(), exact, world.EVAL_IMAGES_PER_PROMPT, k=1, batch_size=48,
+                    seed=world.EVAL_SEED, num_inference_steps=steps, guidance_scale=guidance, progress=False)
+    images = res.images.flatten(0, 1)
+    prompts = [p for p in res.prompts for _ in range(res.n)]
+    reward = create_reward(train_reward)
+    with torch.no_grad():
+        r = torch.cat([reward.score(images[i : i + 48], prompts[i : i + 48]).scores for i in range(0, len(prompts), 48)])
+    return {"exact": {d: float(res.per_dim[d].mean()) for d in DIMS}, "reward": float(r.mean()),
+            "images": len(prompts)}
+
+
+def load_base(device: str = "cpu"):
+    return models.load_pipeline(device=device)
+
+
+def common_train(ctx: Context, name: str, steps: int, lr: float, batch: int):
+    """The model, LoRA and train sections every trainer method shares (LoRA rank 8 on the attention)."""
+    from alignment.trainers.common import LoraSection, ModelSection, TrainSection
+
+    # A method trains from scratch every time it runs (a finished one is skipped via results.json): a
+    # training dir left by an interrupted or --force run would make the trainer refuse to start.
+    shutil.rmtree(ctx.workdir / name, ignore_errors=True)
+    model = ModelSection(pipeline=str(models.PIPELINE_DIR))
+    lora = LoraSection(rank=8, target_modules=list(LORA_TARGETS))
+    train = TrainSection(seed=ctx.seed, lr=lr, max_steps=ctx.budget(steps), batch_size=batch, save_every=0,
+                         log_every=1, validate_every=0, output_dir=str(ctx.workdir / name), report_to="none",
+                         max_grad_norm=1.0, weight_decay=0.0)
+    return model, lora, train
+
+
+def reward_finetune(ctx: Context, name: str, reward: str, steps: int, lr: float, batch: int = 8,
+                    work_name: str | None = None, **method_kw) -> dict:
+    """Run `RewardFinetuner` with method `name` (draft, draft-lv, alignprop, refl, rwr) on reward `reward`."""
+    from alignment.trainers.reward_finetune import (
+        DataSection,
+        MethodSection,
+        RewardFinetuneConfig,
+        RewardFinetuner,
+        RewardSection,
+        SamplingSection,
+    )
+
+    model, lora, train = common_train(ctx, work_name or name, steps, lr, batch)
+    cfg = RewardFinetuneConfig(
+        model=model, lora=lora, train=train, method=MethodSection(name=name, **method_kw),
+        sampling=SamplingSection(num_steps=ctx.steps, guidance_scale=ctx.guidance, scheduler="ddim",
+                                 checkpoint_unet=False, checkpoint_vae=False),
+        reward=RewardSection(terms=reward if isinstance(reward, dict) else {reward: 1.0}, normalize=False),
+        data=DataSection(prompts=world.train_prompts(), val_prompts=world.train_prompts()[:2]),
+    )
+    trainer = RewardFinetuner(cfg, pipe=ctx.pipe)
+    summary = trainer.train()
+    per_step = batch * (method_kw.get("lv_n", 1) if name == "draft-lv" else 1)
+    return {"pipe": trainer.pipe, "samples": summary["step"] * per_step}
