@@ -196,3 +196,75 @@ def verify_weights(root: Path = WEIGHTS_DIR) -> dict[str, str]:
     if problems:
         raise ValueError("toy-world weights do not match MANIFEST.json: " + "; ".join(problems))
     return actual
+
+
+# ---- the flow-matching twin (issue 13): a StableDiffusion3Pipeline on the same world --------------------
+FLOW_DIR = WEIGHTS_DIR / "flow"
+# Caption tokens of the flow twin's CLIP tokenizers (captions are at most 15 ids with BOS and EOT; the CLIP
+# text tower is causal, so its first 16 states are exactly those of the 77-token input it was trained on).
+FLOW_TEXT_LENGTH = 16
+# The twin has no T5 (`text_encoder_3=None`): the pipeline then feeds this many zero tokens in its place.
+# Its default is 256, which would make every transformer call ~4x slower on these 64-token images, so the
+# twin is trained with 16 and must be sampled with the same (`FLOW_PIPELINE_KWARGS`; the adapters and
+# trainers take it as `model.max_sequence_length`).
+FLOW_MAX_SEQUENCE_LENGTH = 16
+FLOW_PIPELINE_KWARGS = {"max_sequence_length": FLOW_MAX_SEQUENCE_LENGTH}
+# Unshifted σ schedule: SD3's resolution rule (shift = √(m/n), 1 at its 256² base resolution) would go
+# below 1 for 8 x 8 latents; 1 keeps the plain rectified-flow schedule for training and sampling.
+FLOW_SHIFT = 1.0
+
+
+def flow_text_encoder(clip=None):
+    """The toy CLIP's text tower and text projection as a `CLIPTextModelWithProjection` (what SD3's two
+    CLIP encoders are), weights copied exactly; `clip` defaults to the shipped one."""
+    from transformers import CLIPTextModelWithProjection
+
+    clip = clip if clip is not None else load_clip()[0]
+    cfg = clip.config.text_config
+    cfg.projection_dim = clip.config.projection_dim
+    te = CLIPTextModelWithProjection(cfg)
+    state = {f"text_model.{k}": v for k, v in clip.text_model.state_dict().items()}
+    state["text_projection.weight"] = clip.text_projection.weight.detach()
+    te.load_state_dict(state, strict=True)
+    return te.eval().requires_grad_(False)
+
+
+def build_flow_transformer(dim: int = 64, layers: int = 6):
+    """SD3Transformer2DModel on 8 x 8 x 4 latents (patch 1: 64 image tokens), `dim / 16` heads of 16, RMS
+    q/k norm (SD3.5's); the context is the two 64-d CLIP states side by side (128) and the pooled input
+    both CLIP projections (128)."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=layers, attention_head_dim=16,
+        num_attention_heads=dim // 16, joint_attention_dim=128, caption_projection_dim=dim,
+        pooled_projection_dim=128, pos_embed_max_size=8, qk_norm="rms_norm",
+    )
+
+
+def build_flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT)
+
+
+def load_flow_pipeline(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32):
+    """The trained toy flow-matching `StableDiffusion3Pipeline` (`from_pretrained`, offline; no T5).
+
+    Sample it with ``**FLOW_PIPELINE_KWARGS`` (16 zero T5 tokens, as it was trained).
+
+    Example:
+        >>> pipe = load_flow_pipeline()
+        >>> images = pipe(["a red circle on the left"] * 4, num_inference_steps=10, output_type="pt",
+        ...               **FLOW_PIPELINE_KWARGS).images
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    path = Path(path) if path is not None else FLOW_DIR
+    if not (path / "model_index.json").is_file():
+        raise _missing(path, "flow-matching pipeline", "examples/toyworld/train_flow_pipeline.py")
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(path), dtype=dtype, text_encoder_3=None, tokenizer_3=None,
+                                                    local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -3,7 +3,9 @@
 A method is one ``@method(name, reward)`` function ``fn(ctx) -> dict`` in one of this package's modules
 (one module per family of methods, so each can be tuned on its own). It returns either the trained
 pipeline (``{"pipe": ..., "samples": int}``) or, for selection methods, the measured scores
-(``{"exact": {dim: acc}, "reward": float, "samples": int}``).
+(``{"exact": {dim: acc}, "reward": float, "samples": int}``). A method names the base model it starts from
+and is compared against (``base=``: ``sd``, the toy `StableDiffusionPipeline`, or ``flow``, its
+flow-matching `StableDiffusion3Pipeline` twin; see `BASES`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,26 @@ TARGET_GAIN = 0.10  # the project's bar: +10 points of held-out exact accuracy, 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"]
 
 
+@dataclass(frozen=True)
+class Base:
+    """A base model: its loader, its shipped dir, and the T5 length it is sampled and trained with (None: the
+    pipeline's default)."""
+
+    load: Callable[..., object]
+    path: Path
+    max_sequence_length: int | None = None
+
+    @property
+    def pipeline_kwargs(self) -> dict:
+        return {} if self.max_sequence_length is None else {"max_sequence_length": self.max_sequence_length}
+
+
+BASES: dict[str, Base] = {
+    "sd": Base(models.load_pipeline, models.PIPELINE_DIR),
+    "flow": Base(models.load_flow_pipeline, models.FLOW_DIR, models.FLOW_MAX_SEQUENCE_LENGTH),
+}
+
+
 @dataclass
 class Context:
     """What a method gets: a fresh base pipeline, a work dir, and the shared sampling settings."""
@@ -35,6 +57,7 @@ class Context:
     scale: float  # budget multiplier (--budget): 1.0 is the default budget of each method
     seed: int = 0
     bon_slots: int = world.EVAL_IMAGES_PER_PROMPT
+    base: str = "sd"
 
     def budget(self, n: int) -> int:
         return max(1, int(round(n * self.scale)))
@@ -46,28 +69,34 @@ class MethodSpec:
     reward: str
     run: Callable[[Context], dict]
     description: str = ""
+    base: str = "sd"
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
-def method(name: str, reward: str, description: str = ""):
-    """Register a benchmark method trained on (or selecting by) the reward named `reward`."""
+def method(name: str, reward: str, description: str = "", base: str = "sd"):
+    """Register a benchmark method trained on (or selecting by) the reward named `reward`, starting from and
+    compared against the base model `base` (a key of `BASES`)."""
+    if base not in BASES:
+        raise ValueError(f"unknown base model {base!r} for method {name!r}; use one of {sorted(BASES)}.")
 
     def deco(fn: Callable[[Context], dict]) -> Callable[[Context], dict]:
         if name in METHODS:
             raise ValueError(f"benchmark method {name!r} is already registered.")
-        METHODS[name] = MethodSpec(name, reward, fn, description or (fn.__doc__ or "").strip().split("\n")[0])
+        METHODS[name] = MethodSpec(name, reward, fn, description or (fn.__doc__ or "").strip().split("\n")[0], base)
         return fn
 
     return deco
 
 
-def evaluate(pipe, train_reward: str, steps: int, guidance: float) -> dict:
-    """Held-out prompts x held-out seeds: exact oracle accuracy per dimension and the mean training reward."""
+def evaluate(pipe, train_reward: str, steps: int, guidance: float, base: str = "sd") -> dict:
+    """Held-out prompts x held-out seeds: exact oracle accuracy per dimension and the mean training reward
+    (`base` names the model family's sampling arguments)."""
     exact = create_reward("toyworld-exact")
     res = best_of_n(pipe, world.heldout_prompts(), exact, world.EVAL_IMAGES_PER_PROMPT, k=1, batch_size=48,
-                    seed=world.EVAL_SEED, num_inference_steps=steps, guidance_scale=guidance, progress=False)
+                    seed=world.EVAL_SEED, num_inference_steps=steps, guidance_scale=guidance, progress=False,
+                    pipeline_kwargs=BASES[base].pipeline_kwargs or None)
     images = res.images.flatten(0, 1)
     prompts = [p for p in res.prompts for _ in range(res.n)]
     reward = create_reward(train_reward)
@@ -77,8 +106,8 @@ def evaluate(pipe, train_reward: str, steps: int, guidance: float) -> dict:
             "images": len(prompts)}
 
 
-def load_base(device: str = "cpu"):
-    return models.load_pipeline(device=device)
+def load_base(device: str = "cpu", base: str = "sd"):
+    return BASES[base].load(device=device)
 
 
 def common_train(ctx: Context, name: str, steps: int, lr: float, batch: int):
@@ -88,7 +117,8 @@ def common_train(ctx: Context, name: str, steps: int, lr: float, batch: int):
     # A method trains from scratch every time it runs (a finished one is skipped via results.json): a
     # training dir left by an interrupted or --force run would make the trainer refuse to start.
     shutil.rmtree(ctx.workdir / name, ignore_errors=True)
-    model = ModelSection(pipeline=str(models.PIPELINE_DIR))
+    b = BASES[ctx.base]
+    model = ModelSection(pipeline=str(b.path), max_sequence_length=b.max_sequence_length)
     lora = LoraSection(rank=8, target_modules=list(LORA_TARGETS))
     train = TrainSection(seed=ctx.seed, lr=lr, max_steps=ctx.budget(steps), batch_size=batch, save_every=0,
                          log_every=1, validate_every=0, output_dir=str(ctx.workdir / name), report_to="none",
