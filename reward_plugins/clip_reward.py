@@ -81,7 +81,7 @@ class ClipSimilarityReward(RewardModel):
 
     def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-norm image embeddings (B, P) of [0, 1] images."""
-        return F.normalize(image_embeds(self.model, self.transform(images)), dim=-1)
+        return F.normalize(image_embeds(self.model, self.preprocess(images)), dim=-1)
 
     def compute(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         img = self.image_embedding(images)

@@ -57,7 +57,7 @@ def test_exact_fp16_cosine_is_computed_in_fp16_and_default_in_fp32():
     unit = torch.nn.functional.normalize
     for reward, scores, dt in ((exact, s_exact, torch.float16), (default, s_default, torch.float32)):
         text_f, text_eos, stat, eot = reward.encode_prompts(PROMPTS[:2])
-        img = reward.image_tokens(images.half())
+        img = reward.image_tokens(images)  # forward preprocesses fp32 images and casts the 224 px result
         f = reward.cross_model(img, text_f, reward.masks(stat, eot), exact=reward.exact, first_only=True)[:, 0]
         assert f.dtype == torch.float16  # the head runs in the weights' dtype either way
         cos = (unit(text_eos.to(dt), dim=-1) * unit(f.to(dt), dim=-1)).sum(-1)

@@ -47,7 +47,7 @@ class LaionAesthetic(RewardModel):
         self.transform = ImageTransform(224, "crop", crop_rounding="round")
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.vision(pixel_values=self.transform(images)).image_embeds, dim=-1)
+        return F.normalize(self.vision(pixel_values=self.preprocess(images)).image_embeds, dim=-1)
 
     def compute(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         return {"aesthetic": self.head(self.embed(images))}

@@ -198,7 +198,7 @@ class DeQAScore(RewardModel):
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] images of any size -> the model's normalised 448 px input."""
-        return self.transform(images)
+        return self.preprocess(images)
 
     def next_token_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary float32 logits after the prompt, (B, vocab)."""

@@ -452,7 +452,7 @@ class ImageReward(RewardModel):
 
     def compute(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         ids, mask = self.tokenize(prompts)
-        return {"imagereward": self.net(self.transform(images), ids, mask)}
+        return {"imagereward": self.net(self.preprocess(images), ids, mask)}
 
 
 # --------------------------------------------------------------------------------------------------

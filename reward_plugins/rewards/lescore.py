@@ -157,7 +157,7 @@ class ConditionedCrossReward(RewardModel):
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Projected, not post-layernormed, vision tokens (B, 257, P) of [0, 1] images."""
-        return image_tokens(self.model, self.transform(images))
+        return image_tokens(self.model, self.preprocess(images))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, exact={self.exact}, threshold={self.threshold}"
