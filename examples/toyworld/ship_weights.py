@@ -1,6 +1,7 @@
 """Copy trained toy-world models into the package (`alignment/toyworld/weights/`) with their manifest.
 
     python examples/toyworld/ship_weights.py --pipeline outputs/toyworld/pipeline --clip outputs/toyworld/clip
+    python examples/toyworld/ship_weights.py --flow outputs/toyworld/flow      # the flow-matching twin alone
 
 Each source is a training output dir (``final/`` + ``record.json``). MANIFEST.json lists every shipped
 file's sha256 and each model's training record (command, seed, data size, wall time); `models.verify_weights`
@@ -42,14 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", type=Path, help="output dir of examples/toyworld/train_pipeline.py")
     p.add_argument("--clip", type=Path, help="output dir of examples/toyworld/train_clip.py")
+    p.add_argument("--flow", type=Path, help="output dir of examples/toyworld/train_flow_pipeline.py")
     p.add_argument("--pipeline-notes")
     p.add_argument("--clip-notes")
+    p.add_argument("--flow-notes")
     args = p.parse_args(argv)
     manifest = models.read_manifest() if models.MANIFEST.is_file() else {"models": {}}
     if args.pipeline:
         manifest["models"]["pipeline"] = ship("pipeline", args.pipeline, args.pipeline_notes)
     if args.clip:
         manifest["models"]["clip"] = ship("clip", args.clip, args.clip_notes)
+    if args.flow:
+        manifest["models"]["flow"] = ship("flow", args.flow, args.flow_notes)
     total = sum(p.stat().st_size for p in models.weight_files())
     if total > LIMIT_BYTES:
         raise SystemExit(f"shipped weights are {total / 2**20:.1f} MiB, over the 20 MiB limit.")

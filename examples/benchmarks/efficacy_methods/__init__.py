@@ -3,7 +3,7 @@
 Registration order is the table's order. A new family is a new module here plus one import line below.
 """
 
-from . import best_of_n, dpo, gradient, policy_gradient, rwr, targeting  # noqa: F401  (registers the methods)
+from . import best_of_n, dpo, flow, gradient, policy_gradient, rwr, targeting  # noqa: F401  (registers the methods)
 from .registry import DIMS, METHODS, TARGET_GAIN, Context, MethodSpec, evaluate, load_base, method
 
 __all__ = ["DIMS", "METHODS", "TARGET_GAIN", "Context", "MethodSpec", "evaluate", "load_base", "method"]

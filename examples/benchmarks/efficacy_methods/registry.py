@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from alignment.best_of_n import best_of_n
+from alignment.pipelines import SD3Adapter
 from alignment.toyworld import models, world
 from reward_plugins import create_reward
 
@@ -28,12 +29,14 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"]
 
 @dataclass(frozen=True)
 class Base:
-    """A base model: its loader, its shipped dir, and the T5 length it is sampled and trained with (None: the
-    pipeline's default)."""
+    """A base model: its loader, its shipped dir, the T5 length it is sampled and trained with (None: the
+    pipeline's default), the gradient sampling loop's scheduler and the LoRA target modules."""
 
     load: Callable[..., object]
     path: Path
     max_sequence_length: int | None = None
+    scheduler: str = "ddim"
+    lora_targets: tuple[str, ...] = tuple(LORA_TARGETS)
 
     @property
     def pipeline_kwargs(self) -> dict:
@@ -42,7 +45,9 @@ class Base:
 
 BASES: dict[str, Base] = {
     "sd": Base(models.load_pipeline, models.PIPELINE_DIR),
-    "flow": Base(models.load_flow_pipeline, models.FLOW_DIR, models.FLOW_MAX_SEQUENCE_LENGTH),
+    # The SD3 adapter's LoRA targets: both streams' joint-attention projections (diffusers' SD3 LoRA script).
+    "flow": Base(models.load_flow_pipeline, models.FLOW_DIR, models.FLOW_MAX_SEQUENCE_LENGTH, "flow_euler",
+                 SD3Adapter.lora_target_modules),
 }
 
 
@@ -119,7 +124,7 @@ def common_train(ctx: Context, name: str, steps: int, lr: float, batch: int):
     shutil.rmtree(ctx.workdir / name, ignore_errors=True)
     b = BASES[ctx.base]
     model = ModelSection(pipeline=str(b.path), max_sequence_length=b.max_sequence_length)
-    lora = LoraSection(rank=8, target_modules=list(LORA_TARGETS))
+    lora = LoraSection(rank=8, target_modules=list(b.lora_targets))
     train = TrainSection(seed=ctx.seed, lr=lr, max_steps=ctx.budget(steps), batch_size=batch, save_every=0,
                          log_every=1, validate_every=0, output_dir=str(ctx.workdir / name), report_to="none",
                          max_grad_norm=1.0, weight_decay=0.0)
@@ -141,7 +146,7 @@ def reward_finetune(ctx: Context, name: str, reward: str, steps: int, lr: float,
     model, lora, train = common_train(ctx, work_name or name, steps, lr, batch)
     cfg = RewardFinetuneConfig(
         model=model, lora=lora, train=train, method=MethodSection(name=name, **method_kw),
-        sampling=SamplingSection(num_steps=ctx.steps, guidance_scale=ctx.guidance, scheduler="ddim",
+        sampling=SamplingSection(num_steps=ctx.steps, guidance_scale=ctx.guidance, scheduler=BASES[ctx.base].scheduler,
                                  checkpoint_unet=False, checkpoint_vae=False),
         reward=RewardSection(terms=reward if isinstance(reward, dict) else {reward: 1.0}, normalize=False),
         data=DataSection(prompts=world.train_prompts(), val_prompts=world.train_prompts()[:2]),
