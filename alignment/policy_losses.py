@@ -108,6 +108,7 @@ def ppo_clip_loss(
     advantages: torch.Tensor,
     clip_range: float,
     adv_clip: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, mean over the batch: max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)), ρ = exp(Δ log p).
 
@@ -116,6 +117,8 @@ def ppo_clip_loss(
         old_log_prob: (B,) the log-prob recorded at sampling time.
         advantages: (B,) advantages, clipped to [−adv_clip, adv_clip] first when `adv_clip` is set.
         clip_range: ε.
+        weights: (B,) per-sample weights instead of the mean's 1/B (e.g. 0 for a sample whose reward failed,
+            1/n_valid for the others); the loss is Σ wᵢ lᵢ and the statistics are w-weighted.
 
     Returns:
         (loss, stats) with detached ``ratio`` (B,), ``clipfrac`` and ``approx_kl`` (½ E[Δ²], DDPO's log).
@@ -127,10 +130,18 @@ def ppo_clip_loss(
     ratio = diff.exp()
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    per_sample = torch.maximum(unclipped, clipped)
+    if weights is None:
+        w = torch.full_like(per_sample, 1.0 / max(per_sample.numel(), 1))
+    else:
+        w = weights.detach().float().to(per_sample.device)
+        if w.shape != per_sample.shape:
+            raise ValueError(f"weights must have one entry per sample {tuple(per_sample.shape)}; got {tuple(w.shape)}.")
+    loss = (w * per_sample).sum()
+    norm = w.sum().clamp(min=1e-12)
     stats = {
         "ratio": ratio.detach(),
-        "clipfrac": ((ratio.detach() - 1).abs() > clip_range).float().mean(),
-        "approx_kl": 0.5 * (diff.detach() ** 2).mean(),
+        "clipfrac": (w * ((ratio.detach() - 1).abs() > clip_range).float()).sum() / norm,
+        "approx_kl": (w * 0.5 * diff.detach() ** 2).sum() / norm,
     }
     return loss, stats

@@ -71,3 +71,21 @@ def test_ppo_clip_loss_is_pessimistic_and_clipped():
 def test_tracker_rejects_bad_sizes(bad):
     with pytest.raises(ValueError, match="buffer_size and min_count"):
         PerPromptStatTracker(bad, 1)
+
+
+def test_ppo_clip_loss_weights_drop_samples_and_reweight_the_mean():
+    old = torch.zeros(4)
+    adv = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    new = torch.tensor([0.1, -0.05, 0.02, 0.3], requires_grad=True)
+    w = torch.tensor([0.5, 0.0, 0.5, 0.0])  # samples 1 and 3 dropped (a failed reward), the others averaged
+    loss, st = ppo_clip_loss(new, old, adv, clip_range=0.2, weights=w)
+    keep = [0, 2]
+    ref, ref_st = ppo_clip_loss(new[keep], old[keep], adv[keep], clip_range=0.2)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(st["approx_kl"], ref_st["approx_kl"])
+    loss.backward()
+    assert new.grad[1] == 0 and new.grad[3] == 0 and new.grad[0] != 0
+    even, _ = ppo_clip_loss(new.detach(), old, adv, 0.2, weights=torch.full((4,), 0.25))
+    torch.testing.assert_close(even, ppo_clip_loss(new.detach(), old, adv, 0.2)[0])
+    with pytest.raises(ValueError, match="one entry per sample"):
+        ppo_clip_loss(new, old, adv, 0.2, weights=torch.ones(3))

@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -121,6 +122,9 @@ class PolicySection:
             (epoch · window_shift) mod (N − window_size + 1).
         ode_outside_window: ``window``: sample the other steps deterministically (MixGRPO).
         train_cfg: classifier-free guidance in training as in sampling (False: conditional only).
+        shared_noise: the G samples of a group start from the same noise and differ only by the sampler's
+            step noise (DanceGRPO): the group's reward spread then comes from the steps the policy gradient
+            credits, not from the starting noise, which no transition's log-prob explains.
         contact_sheet_every: write contact sheets every k epochs (0 disables).
         contact_sheet_prompts: groups per contact sheet round.
     """
@@ -143,6 +147,7 @@ class PolicySection:
     window_shift: int = 1
     ode_outside_window: bool = True
     train_cfg: bool = True
+    shared_noise: bool = False
     contact_sheet_every: int = 0
     contact_sheet_prompts: int = 2
 
@@ -309,6 +314,13 @@ class PolicyGradientTrainer:
         self.val_prompts = read_prompts(config.data.val_prompts, config.data.val_prompts_file, "data.val_prompts") or self.prompts[:8]
 
         self.accelerator = make_accelerator(config.train, self.output_dir)
+        from accelerate.utils import DistributedType
+
+        if getattr(config.train, "distributed", "auto") == "fsdp" or self.accelerator.distributed_type == DistributedType.FSDP:
+            # Rollouts call the denoiser outside the prepared module, which a sharded (FSDP) one does not allow.
+            raise ValueError("the policy-gradient trainer runs several processes with DDP only; got FSDP "
+                             "(train.distributed=fsdp or accelerate launch --use_fsdp). Use train.distributed=auto "
+                             "and launch without --use_fsdp.")
         acc = self.accelerator
         total = m.prompts_per_epoch * m.group_size
         if total % acc.num_processes:
@@ -385,8 +397,9 @@ class PolicyGradientTrainer:
         # train.ema_decay > 0: an EMA of the trained weights for validation and the export; rollouts and the
         # ratio always use the current policy (Flow-GRPO evaluates its EMA the same way)
         self.ema = make_ema(acc, self.params, t)
-        # Every call goes to the inner module (one backward per trained step, several per update, which DDP's
-        # reducer does not allow); gradients are averaged over processes by hand before each update.
+        # `self.wrapped` is the prepared module (DDP under several processes): the training calls go through it,
+        # so DDP reduces the gradients in each update's one synchronised backward. `self.model` is the inner
+        # module, for calls without gradients (rollouts, validation, the adapter-disabled reference) and export.
         self.model = unwrap(self.wrapped)
         self.tracker = PerPromptStatTracker(m.running_buffer_size, m.running_min_count, m.std_floor)
         self.logger = JsonlLogger(self.output_dir / METRICS_FILE, enabled=acc.is_main_process)
@@ -453,6 +466,12 @@ class PolicyGradientTrainer:
         k = max(1, int(m.timestep_fraction * usable.numel()))
         return torch.stack([usable[torch.randperm(usable.numel(), generator=gen)[:k]] for _ in range(count)])
 
+    def _start_seed(self, epoch: int, k: int) -> torch.Generator:
+        """The generator of sample `k`'s starting noise in `epoch` (its group's with ``method.shared_noise``)."""
+        if self.cfg.method.shared_noise:
+            return _generator(self.cfg.train.seed, epoch, k // self.cfg.method.group_size, 1, 2)
+        return _generator(self.cfg.train.seed, epoch, k, 0, 2)
+
     def _epoch_prompts(self, epoch: int) -> list[int]:
         g = _generator(self.cfg.train.seed, epoch, 0, 0, 1)  # the same on every process
         return torch.randperm(len(self.prompts), generator=g)[: self.cfg.method.prompts_per_epoch].tolist()
@@ -487,8 +506,9 @@ class PolicyGradientTrainer:
             idx = flat[b0:b0 + s.batch_size]
             prompts = [self.prompts[chosen[k // m.group_size]] for k in idx]
             cond, uncond = self._encode(prompts)
-            # starting noise per sample index: the same samples whatever the batch split
-            x0 = torch.cat([torch.randn(1, *self._latent_shape(), generator=_generator(self.cfg.train.seed, epoch, k, 0, 2))
+            # starting noise per sample index (or per group with shared_noise): the same samples whatever the
+            # batch split
+            x0 = torch.cat([torch.randn(1, *self._latent_shape(), generator=self._start_seed(epoch, k))
                             for k in idx]).to(acc.device)
             # step noise seeded by the batch's first global sample index: with batches that align, the rollouts
             # do not depend on the number of processes
@@ -547,19 +567,9 @@ class PolicyGradientTrainer:
             with disabled_adapter(self.model):
                 return transition(self.sampler, self._predictor(self.model, cond, uncond, cfg), x, nxt, step).mean
 
-    def _average_gradients(self) -> None:
-        if self.accelerator.num_processes == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-        offset = 0
-        for p, g in zip(self.params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
-            offset += g.numel()
-
     def _update(self) -> float:
+        """Clip, step, schedule and EMA after an update's backwards (DDP reduced the gradients in the last one)."""
         t = self.cfg.train
-        self._average_gradients()
         grad_norm = self.accelerator.clip_grad_norm_(self.params, t.max_grad_norm if t.max_grad_norm else math.inf)
         self.optimizer.step()
         self.lr_scheduler.step()
@@ -569,50 +579,67 @@ class PolicyGradientTrainer:
         return float(grad_norm)
 
     def train_on(self, ro: Rollout, adv: torch.Tensor, valid: torch.Tensor, epoch: int) -> dict:
-        """The inner epochs over one rollout buffer; returns this process's scalars."""
+        """The inner epochs over one rollout buffer; returns this process's scalars.
+
+        Every process walks all its samples in the same number of micro-batches and updates (samples whose
+        reward failed stay in the batches with weight 0), so each update is one synchronised backward on every
+        process: the update's other backwards (one per trained step per micro-batch) run under `no_sync`, and
+        the last one, through the prepared (DDP) module, all-reduces the accumulated sum. The gradient is the
+        mean over the trained steps and over the valid samples of each micro-batch, averaged over processes.
+        """
         acc, t, m = self.accelerator, self.cfg.train, self.cfg.method
         tic = time.perf_counter()
-        keep = torch.nonzero(valid).flatten()
+        n = valid.numel()
         sums: dict[str, float] = {}
         n_terms = 0
         first_dev = first_err = 0.0
         updated = False
         grad_norms = []
-        self.model.train()
+        self.wrapped.train()
         gen = _generator(t.seed, epoch, acc.process_index, 0, 4)
         for _inner in range(m.inner_epochs):
-            order = keep[torch.randperm(keep.numel(), generator=gen)]
-            steps_all = self._trained_steps(epoch, order.numel(), gen)
-            batches = [order[i:i + t.batch_size] for i in range(0, order.numel(), t.batch_size)]
+            order = torch.randperm(n, generator=gen)
+            steps_all = self._trained_steps(epoch, n, gen)
+            batches = [order[i:i + t.batch_size] for i in range(0, n, t.batch_size)]
             for a0 in range(0, len(batches), t.gradient_accumulation_steps):
                 group = batches[a0:a0 + t.gradient_accumulation_steps]
+                total = len(group) * steps_all.shape[1]  # backwards in this update; the last one syncs
+                done = 0
                 for bi, rows in enumerate(group):
                     pos = a0 + bi
                     steps = steps_all[pos * t.batch_size: pos * t.batch_size + rows.numel()]
                     prompts = [self.prompts[i] for i in ro.prompt_ids[rows].tolist()]
                     cond, uncond = self._encode(prompts)
-                    predict = self._predictor(self.model, cond, uncond, m.train_cfg)
+                    # calls with gradients go through the prepared module, so DDP's hooks reduce them
+                    predict = self._predictor(self.wrapped, cond, uncond, m.train_cfg)
                     rows_d = rows.to(acc.device)
+                    weight = valid[rows].to(acc.device).float()
+                    weight = weight / weight.sum().clamp(min=1.0)  # mean over the micro-batch's valid samples
+                    a = torch.where(valid[rows], adv[rows], torch.zeros_like(adv[rows])).to(acc.device)
                     scale = 1.0 / (len(group) * steps.shape[1])
                     for j in range(steps.shape[1]):
-                        st = steps[:, j].to(acc.device)
-                        x = ro.traj.latents[rows_d, st]
-                        nxt = ro.traj.latents[rows_d, st + 1]
-                        old = ro.traj.log_probs[rows_d, st]
-                        out = transition(self.sampler, predict, x, nxt, st)
-                        if not updated:
-                            # The policy has not changed since sampling, so its log-prob is the old one: the
-                            # ratio is exactly 1 (the recorded value differs only by float noise of other
-                            # batch layouts, ~1e-7, which is logged as a check of the recomputation).
-                            first_err = max(first_err, float((out.log_prob.detach() - old).abs().max()))
-                            old = out.log_prob.detach()
-                        loss, pst = ppo_clip_loss(out.log_prob, old, adv[rows].to(acc.device), m.clip_range, m.adv_clip_max)
-                        if m.kl_weight > 0:
-                            ref = self._reference_mean(x, nxt, st, cond, uncond, m.train_cfg)
-                            kl = gaussian_kl(out.mean, ref, out.std).mean()
-                            loss = loss + m.kl_weight * kl
-                            sums["kl"] = sums.get("kl", 0.0) + float(kl.detach())
-                        acc.backward(loss * scale * t.gradient_accumulation_steps)  # accelerate divides by it
+                        done += 1
+                        sync = contextlib.nullcontext() if done == total else acc.no_sync(self.wrapped)
+                        with sync:
+                            st = steps[:, j].to(acc.device)
+                            x = ro.traj.latents[rows_d, st]
+                            nxt = ro.traj.latents[rows_d, st + 1]
+                            old = ro.traj.log_probs[rows_d, st]
+                            out = transition(self.sampler, predict, x, nxt, st)
+                            if not updated:
+                                # The policy has not changed since sampling, so its log-prob is the old one: the
+                                # ratio is exactly 1 (the recorded value differs only by float noise of other
+                                # batch layouts, ~1e-7, which is logged as a check of the recomputation).
+                                first_err = max(first_err, float((out.log_prob.detach() - old).abs().max()))
+                                old = out.log_prob.detach()
+                            loss, pst = ppo_clip_loss(out.log_prob, old, a, m.clip_range, m.adv_clip_max,
+                                                      weights=weight)
+                            if m.kl_weight > 0:
+                                ref = self._reference_mean(x, nxt, st, cond, uncond, m.train_cfg)
+                                kl = (gaussian_kl(out.mean, ref, out.std) * weight).sum()
+                                loss = loss + m.kl_weight * kl
+                                sums["kl"] = sums.get("kl", 0.0) + float(kl.detach())
+                            acc.backward(loss * scale * t.gradient_accumulation_steps)  # accelerate divides by it
                         if not updated:
                             first_dev = max(first_dev, float((pst["ratio"] - 1).abs().max()))
                         sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
