@@ -166,6 +166,9 @@ class PipelineAdapter:
     sampling_schedulers: tuple[str, ...] = ()
     #: keyword of the pipeline class's `save_lora_weights` for the denoiser's layers
     lora_layers_kwarg: str = "unet_lora_layers"
+    #: denoiser block classes that become one FSDP unit each under ``train.distributed: fsdp`` (empty: the
+    #: denoiser's own ``_no_split_modules``, accelerate's default)
+    fsdp_block_classes: tuple[str, ...] = ()
 
     def __new__(cls, pipe=None, *args, **kwargs):
         if cls is PipelineAdapter:

@@ -31,6 +31,8 @@ class DDPMAdapter(PipelineAdapter):
     """Base of the UNet families: DDPM forward process, uniform timesteps, ε or v-prediction target."""
 
     sampling_schedulers = DDPM_SAMPLING_SCHEDULERS
+    #: FSDP units: the UNet's attention and residual blocks
+    fsdp_block_classes = ("BasicTransformerBlock", "ResnetBlock2D")
 
     @property
     def default_resolution(self) -> int:

@@ -30,6 +30,8 @@ class SD3Adapter(FlowMatchingAdapter):
     )
     #: T5 tokens (the pipeline's default)
     max_sequence_length = 256
+    #: FSDP units: the joint (MM-DiT) blocks, 24 in SD3.5-M
+    fsdp_block_classes = ("JointTransformerBlock",)
 
     @property
     def resolution_multiple(self) -> int:

@@ -31,6 +31,7 @@ import torch
 from alignment.configs import check_counts, count
 
 PRECISIONS = ("no", "bf16", "fp16")
+DISTRIBUTED = ("auto", "fsdp")
 TINY_FAMILIES = ("sd", "sdxl", "sd3", "flux")  # alignment.tiny builds these in-process
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -124,6 +125,10 @@ class TrainSection:
         ema_decay: keep an exponential moving average of the trained weights (LoRA or full UNet) with this
             decay and use it for validation and the exported weights (0 disables). ImageReward's ReFL and
             diffusers' text-to-image scripts use 0.9999, with diffusers' warm-up (see `EMA`).
+        distributed: how several processes share the work: ``auto`` (as launched: DDP, or accelerate's FSDP
+            under ``accelerate launch --use_fsdp ...``) or ``fsdp`` (accelerate's FSDP2 whatever the launch:
+            the denoiser's blocks, the family adapter's `fsdp_block_classes`, and its optimizer state are
+            sharded across the processes; see `make_accelerator`). One process ignores it.
     """
 
     seed: int = 0
@@ -148,6 +153,7 @@ class TrainSection:
     report_to: str = "tensorboard"
     num_workers: int = count(0, minimum=0)
     ema_decay: float = 0.0
+    distributed: str = "auto"
 
 
 def check_sections(model: ModelSection, lora: LoraSection, train: TrainSection, need_pipeline: bool = True) -> None:
@@ -198,6 +204,8 @@ def check_sections(model: ModelSection, lora: LoraSection, train: TrainSection, 
         raise ValueError(f"train.ema_decay must be in [0, 1) (0 disables the EMA; ReFL uses 0.9999); got {train.ema_decay}.")
     if train.report_to not in ("tensorboard", "none"):
         raise ValueError(f"train.report_to must be 'tensorboard' or 'none'; got {train.report_to!r}.")
+    if train.distributed not in DISTRIBUTED:
+        raise ValueError(f"train.distributed must be one of {DISTRIBUTED}; got {train.distributed!r}.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -384,6 +392,26 @@ def disabled_adapter(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
         ...     ref_pred = unet(latents, t, encoder_hidden_states=emb).sample
     """
     inner = unwrap(unet)
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(inner, FSDPModule):
+        # peft's disable/enable also flips the adapter weights' requires_grad, and FSDP2 keeps two tensors per
+        # parameter (the sharded one and the gathered one the module holds between a forward and its reshard):
+        # the flip lands on whichever is registered, and the root's LoRA (never resharded after a forward)
+        # loses its gradient for good. Under FSDP only peft's per-layer switch is toggled; gradients never
+        # reach a disabled adapter anyway, as its layers are skipped in the forward.
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in inner.modules() if isinstance(m, BaseTunerLayer)]
+        before = [m._disable_adapters for m in layers]
+        for m in layers:
+            m._disable_adapters = True
+        try:
+            yield inner
+        finally:
+            for m, b in zip(layers, before):
+                m._disable_adapters = b
+        return
     inner.disable_adapters()
     try:
         yield inner
@@ -405,7 +433,8 @@ def _pipeline_class(pipe_or_family):
     return type(pipe_or_family), adapter_class(pipe_or_family)
 
 
-def export_lora(pipe_or_family, unet: torch.nn.Module, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
+def export_lora(pipe_or_family, unet: torch.nn.Module, out_dir: str | os.PathLike, adapter_name: str = "default",
+                state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the UNet's LoRA as ``out_dir/pytorch_lora_weights.safetensors`` for `pipe.load_lora_weights(out_dir)`.
 
     peft's state dict is converted to diffusers' key format and written by the pipeline class's own
@@ -414,11 +443,15 @@ def export_lora(pipe_or_family, unet: torch.nn.Module, out_dir: str | os.PathLik
     (`lora_state_dict` + `load_lora_into_unet`, `unet.load_lora_adapter(file)`) use scale 1, loaders that read
     it get 1 as well, so every loader rebuilds the trained model. The trained adapter itself is untouched.
 
+    A sharded (FSDP) denoiser holds only a shard of each LoRA weight: gather them first on every process with
+    `full_trainable_state` and pass the result as `state` (then one process writes).
+
     Example:
         >>> path = export_lora(pipe, pipe.unet, "out/lora")
         >>> fresh = StableDiffusionPipeline.from_pretrained(base); fresh.load_lora_weights("out/lora")
     """
     from peft.utils import get_peft_model_state_dict
+    from torch.distributed.tensor import DTensor
 
     inner = unwrap(unet)
     if not getattr(inner, "peft_config", None) or adapter_name not in inner.peft_config:
@@ -432,8 +465,11 @@ def export_lora(pipe_or_family, unet: torch.nn.Module, out_dir: str | os.PathLik
         raise ValueError("export_lora bakes one LoRA scale into the weights; adapters with per-module "
                          "rank_pattern/alpha_pattern are not supported (add_lora never makes them).")
     scale = config.lora_alpha / (config.r ** 0.5 if config.use_rslora else config.r)
-    state = get_peft_model_state_dict(inner, adapter_name=adapter_name)
-    state = {k: (v.detach().float() * scale if "lora_B" in k else v.detach().float()).cpu().contiguous()
+    if state is None and any(isinstance(p, DTensor) for p in inner.parameters() if p.requires_grad):
+        raise ValueError("the denoiser is sharded (FSDP): gather its LoRA on every process with "
+                         "full_trainable_state(model) and pass it as export_lora(..., state=...).")
+    state = get_peft_model_state_dict(inner, state_dict=state, adapter_name=adapter_name)
+    state = {k.replace(_AC_PREFIX, ""): (v.detach().float() * scale if "lora_B" in k else v.detach().float()).cpu().contiguous()
              for k, v in state.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -493,13 +529,114 @@ def make_accelerator(train: TrainSection, output_dir: str | os.PathLike | None =
     # different number of times per step (AlignProp's random K) would deadlock. The trained networks' buffers
     # (position embeddings, frozen norms) are identical everywhere, so there is nothing to broadcast.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    return Accelerator(
+    fsdp = fsdp_plugin() if getattr(train, "distributed", "auto") == "fsdp" else None
+    accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_plugin=plugin,
         kwargs_handlers=[ddp],
+        fsdp_plugin=fsdp,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    if fsdp is not None:
+        _fsdp_on_cpu(accelerator, fsdp)
+    return accelerator
+
+
+def fsdp_plugin():
+    """accelerate's FSDP2 plugin as the trainers use it (``train.distributed: fsdp``).
+
+    Transformer-block auto-wrap (each block of the family adapter's `fsdp_block_classes` is one FSDP unit,
+    set by `prepare_denoiser`; ``FSDP_TRANSFORMER_CLS_TO_WRAP`` in the environment overrides them), parameters
+    resharded after every forward (ZeRO-3: only one block is gathered at a time, which the many denoiser calls
+    of a sampling loop need to stay within memory) and sharded checkpoints (torch.distributed.checkpoint).
+    """
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(  # unset fields (FSDP_OFFLOAD_PARAMS, ...) come from the environment
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        reshard_after_forward=True,
+        state_dict_type="SHARDED_STATE_DICT",
+        cpu_ram_efficient_loading=False,
+    )
+
+
+def _fsdp_on_cpu(accelerator, plugin) -> None:
+    """Turn on FSDP for a multi-process CPU (gloo) run, which accelerate leaves on DDP.
+
+    accelerate (1.15) sets ``DistributedType.FSDP`` only for accelerator backends and silently runs DDP on
+    CPU, while torch's FSDP2 (`fully_shard` on a CPU device mesh) runs on gloo; the state is switched so
+    that a CPU run goes through the same accelerate FSDP2 code (prepare, clipping, no_sync, checkpoints) as
+    a GPU one. That is what the 2-process CPU tests check. Mixed precision is a GPU matter and is refused.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.device.type != "cpu" or accelerator.num_processes < 2:
+        return
+    if accelerator.mixed_precision != "no":
+        raise ValueError(
+            f"train.distributed=fsdp on CPU runs in fp32; got train.mixed_precision={accelerator.mixed_precision!r}. "
+            "Set train.mixed_precision=no, or run FSDP on GPUs."
+        )
+    from accelerate.state import PartialState
+
+    # Both shared states: every `AcceleratorState()` (the optimizer wrapper makes one) copies PartialState's over its own.
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin  # this run's (a second trainer in the process gets its own)
+
+
+def is_sharded(accelerator) -> bool:
+    """True when the denoiser is (to be) sharded with FSDP: every process must then make the same denoiser
+    calls (each call all-gathers the blocks' parameters), and state leaves the model only through collectives."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP and accelerator.num_processes > 1
+
+
+def prepare_denoiser(accelerator, adapter, denoiser: torch.nn.Module, *objects, activation_checkpointing: bool = False):
+    """`accelerator.prepare(denoiser, *objects)`, under FSDP with the family's block classes as FSDP units.
+
+    Only the denoiser is prepared: text encoders, VAE and rewards stay whole on every process (frozen, used
+    without gradients to the weights). Under FSDP the trainable parameters are replaced by sharded ones
+    (DTensors): take them again from the returned module (`trainable_parameters`). `activation_checkpointing`
+    (FSDP only) recomputes each block in backward (accelerate's checkpoint wrapper inside each FSDP unit); a
+    checkpoint around the whole sharded denoiser does not recompute the same tensors, so callers turn theirs off.
+
+    Example:
+        >>> unet, opt = prepare_denoiser(accelerator, adapter, adapter.denoiser, optimizer)
+        >>> params = trainable_parameters(unet)
+    """
+    if is_sharded(accelerator):
+        plugin = accelerator.state.fsdp_plugin
+        blocks = getattr(adapter, "fsdp_block_classes", ())
+        if plugin.transformer_cls_names_to_wrap is None and blocks:
+            plugin.transformer_cls_names_to_wrap = list(blocks)
+        plugin.activation_checkpointing = plugin.activation_checkpointing or bool(activation_checkpointing)
+    return accelerator.prepare(denoiser, *objects)
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters with ``requires_grad`` of a (prepared) model, in module order."""
+    return [p for p in unwrap(model).parameters() if p.requires_grad]
+
+
+def full_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: cpu tensor}`` of the trainable parameters, whole: sharded (FSDP) ones are all-gathered, so under
+    FSDP every process must call this at the same point (a collective); unsharded ones are copied. Names are
+    `named_parameters`' (with accelerate's activation checkpointing they hold ``_checkpoint_wrapped_module.``)."""
+    from torch.distributed.tensor import DTensor
+
+    state = {}
+    for name, p in unwrap(model).named_parameters():
+        if p.requires_grad:
+            t = p.detach()
+            state[name] = (t.full_tensor() if isinstance(t, DTensor) else t).cpu().contiguous()
+    return state
+
+
+_AC_PREFIX = "_checkpoint_wrapped_module."  # torch's checkpoint_wrapper (accelerate's FSDP activation checkpointing)
 
 
 def _reset_single_process_state(precision: str) -> None:
@@ -523,13 +660,18 @@ def register_trainable_state_hooks(accelerator) -> None:
 
     With LoRA that is a few MB instead of the whole UNet; with full fine-tuning it is every weight.
     Frozen weights come back from the base pipeline on resume. Optimizer, scheduler, grad scaler and
-    RNG states are still saved by accelerate itself.
+    RNG states are still saved by accelerate itself. Under FSDP accelerate writes the sharded model and
+    optimizer itself (torch.distributed.checkpoint, frozen weights included: the FSDP2 path has no
+    trainable-only option) and these hooks stand aside.
     """
+    from accelerate.utils import DistributedType
     from safetensors.torch import save_file
 
     from reward_plugins.checkpoints import load_safetensors
 
     def save_hook(models, weights, output_dir):
+        if accelerator.distributed_type == DistributedType.FSDP:
+            return
         for i, model in enumerate(models):
             state = {n: p.detach().cpu().contiguous() for n, p in unwrap(model).named_parameters() if p.requires_grad}
             if accelerator.is_main_process:
@@ -537,6 +679,8 @@ def register_trainable_state_hooks(accelerator) -> None:
         weights.clear()  # accelerate would otherwise write the full (mostly frozen) state dicts
 
     def load_hook(models, input_dir):
+        if accelerator.distributed_type == DistributedType.FSDP:
+            return
         for i, model in enumerate(models):
             path = os.path.join(input_dir, TRAINABLE_FILE.format(i=i))
             if not os.path.isfile(path):

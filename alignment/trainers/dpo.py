@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -53,13 +54,17 @@ from alignment.trainers.common import (
     ema_weights,
     export_lora,
     freeze_pipeline,
+    full_trainable_state,
+    is_sharded,
     latest_checkpoint,
     make_accelerator,
     make_ema,
+    prepare_denoiser,
     progress_bar,
     register_trainable_state_hooks,
     resume_tracker_kwargs,
     save_checkpoint,
+    trainable_parameters,
     unwrap,
     weight_dtype_for,
 )
@@ -291,6 +296,23 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def check_sharding(cfg: DPOConfig) -> None:
+    """What ``train.distributed: fsdp`` supports here (every denoiser call is a collective under FSDP).
+
+    Raises:
+        ValueError: an EMA, full fine-tuning or online mining (its prompts split unevenly) under FSDP.
+    """
+    if cfg.train.ema_decay:
+        raise ValueError("train.ema_decay with train.distributed=fsdp is not supported (the average would be sharded "
+                         "and checkpointed by one process); set train.ema_decay=0.")
+    if not cfg.lora.enabled:
+        raise ValueError("train.distributed=fsdp trains a LoRA (lora.enabled=true); full fine-tuning under FSDP is not "
+                         "supported by this trainer's reference copy and export.")
+    if cfg.online.enabled:
+        raise ValueError("online.enabled with train.distributed=fsdp is not supported (pair mining splits prompts "
+                         "unevenly over processes, and each sampling call is a collective); mine pairs first.")
+
+
 class DPOTrainer:
     """Diffusion-DPO with accelerate (mixed precision, accumulation, multi-GPU) and a peft LoRA.
 
@@ -349,10 +371,12 @@ class DPOTrainer:
             self.ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
             unet.to(dtype=torch.float32).requires_grad_(True)
             params = list(unet.parameters())
-        if train.gradient_checkpointing:
+        self.sharded = is_sharded(self.accelerator)
+        if self.sharded:
+            check_sharding(cfg)
+        if train.gradient_checkpointing and not self.sharded:  # FSDP: accelerate's per-block checkpoints instead
             unet.enable_gradient_checkpointing()
         unet.train()
-        self.params = params
 
         from diffusers.optimization import get_scheduler
 
@@ -364,9 +388,11 @@ class DPOTrainer:
         scheduler = get_scheduler(
             train.lr_scheduler, optimizer, num_warmup_steps=train.lr_warmup_steps * n_proc, num_training_steps=train.max_steps * n_proc
         )
-        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(unet, optimizer, scheduler)
+        self.model, self.optimizer, self.lr_scheduler = prepare_denoiser(
+            self.accelerator, self.adapter, unet, optimizer, scheduler, activation_checkpointing=train.gradient_checkpointing)
+        self.params = trainable_parameters(self.model)  # FSDP replaces them with sharded ones (the same under DDP)
         register_trainable_state_hooks(self.accelerator)
-        self.ema = make_ema(self.accelerator, params, train)  # None unless train.ema_decay > 0
+        self.ema = make_ema(self.accelerator, self.params, train)  # None unless train.ema_decay > 0
         self.global_step = 0
         self._rewards: dict[str, Any] = {}
         self.log_file = JsonlLogger(self.output_dir / "metrics.jsonl", enabled=self.accelerator.is_main_process)
@@ -597,12 +623,17 @@ class DPOTrainer:
         if not v.prompts or not v.reward:
             self.accelerator.wait_for_everyone()
             return {}
+        state = None
+        if self.sharded:  # FSDP: each denoiser call is a collective, so every process samples (the main one scores)
+            images = self.sample(v.prompts, v.seed, v.num_inference_steps, v.guidance_scale)
+            state = full_trainable_state(self.model) if self.monitor.enabled else None  # for best/, gathered here
         if not self.accelerator.is_main_process:  # joins the monitor's stop decision only
             self.monitor.on_validation(step, {}, None, [], gathered=True)
             self.accelerator.wait_for_everyone()
             return {}
-        with ema_weights(self.ema):  # the averaged weights are what gets exported
-            images = self.sample(v.prompts, v.seed, v.num_inference_steps, v.guidance_scale)
+        if not self.sharded:
+            with ema_weights(self.ema):  # the averaged weights are what gets exported
+                images = self.sample(v.prompts, v.seed, v.num_inference_steps, v.guidance_scale)
         reward = self._reward(v.reward, v.reward_kwargs, v.reward_dtype)
         with torch.no_grad():
             out = reward(images.to(self.accelerator.device), list(v.prompts))
@@ -611,8 +642,9 @@ class DPOTrainer:
             logs[f"val/{dim}_mean"] = float(vals.float().mean())
         if self.monitor.monitor.embed is None:  # the validation reward's image tower, when it has one
             self.monitor.monitor.embed = image_embedder(reward)
-        logs.update(self.monitor.on_validation(step, logs, images, list(v.prompts), gathered=True, save_best=weights_saver(
-            self.pipe, self.model, self.ema, lora=self.cfg.lora.enabled)))
+        save_best = (functools.partial(export_lora, self.pipe, self.model, state=state) if state is not None
+                     else weights_saver(self.pipe, self.model, self.ema, lora=self.cfg.lora.enabled))
+        logs.update(self.monitor.on_validation(step, logs, images, list(v.prompts), gathered=True, save_best=save_best))
         self.accelerator.log(logs, step=step)
         self.log_file.log(logs, step)
         try:
@@ -743,10 +775,11 @@ class DPOTrainer:
         if done is None or done[1] != self.global_step:
             save_checkpoint(acc, self.output_dir, self.global_step, cfg.train.checkpoints_total_limit)
         lora_path = unet_path = None
+        state = full_trainable_state(self.model) if self.sharded else None  # FSDP: gathered on every process
         if acc.is_main_process:
             with ema_weights(self.ema):  # with train.ema_decay the exported model is the EMA
                 if cfg.lora.enabled:
-                    lora_path = export_lora(self.pipe, self.model, self.output_dir)
+                    lora_path = export_lora(self.pipe, self.model, self.output_dir, state=state)
                 else:
                     unet_path = self.output_dir / "unet"
                     unwrap(self.model).save_pretrained(unet_path)

@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import functools
 import json
 import math
 import time
@@ -84,16 +85,20 @@ from .common import (
     ema_weights,
     export_lora,
     freeze_pipeline,
+    full_trainable_state,
+    is_sharded,
     latest_checkpoint,
     log_scalars,
     make_accelerator,
     make_ema,
     mean_over_processes,
+    prepare_denoiser,
     read_checkpoint_state,
     read_jsonl,
     register_trainable_state_hooks,
     resume_tracker_kwargs,
     save_checkpoint,
+    trainable_parameters,
     unwrap,
     weight_dtype_for,
 )
@@ -462,7 +467,11 @@ class RewardFinetuner:
                                                    and config.method.prior_source == "base"):
                 # Full fine-tuning has no adapter to switch off: the base model is an explicit frozen copy.
                 self.base_unet = copy.deepcopy(unet).requires_grad_(False).to(self.weight_dtype)
-        if config.method.name == "rwr" and config.train.gradient_checkpointing:
+        # Under FSDP a whole-denoiser checkpoint cannot recompute (the root's all-gathers differ in backward):
+        # accelerate's per-block activation checkpointing, inside each FSDP unit, takes its place.
+        self.sharded = is_sharded(self.accelerator)
+        self._checkpoint_calls = config.sampling.checkpoint_unet and not self.sharded
+        if config.method.name == "rwr" and config.train.gradient_checkpointing and not self.sharded:
             unet.enable_gradient_checkpointing()
         from diffusers.optimization import get_scheduler
 
@@ -474,7 +483,12 @@ class RewardFinetuner:
             t.lr_scheduler, self.optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.max_steps
         )
         register_trainable_state_hooks(self.accelerator)
-        self.unet, self.optimizer = self.accelerator.prepare(unet, self.optimizer)
+        if self.sharded:
+            self._check_sharding(config)
+        block_checkpoints = config.train.gradient_checkpointing if config.method.name == "rwr" else config.sampling.checkpoint_unet
+        self.unet, self.optimizer = prepare_denoiser(self.accelerator, self.adapter, unet, self.optimizer,
+                                                     activation_checkpointing=block_checkpoints)
+        self.params = trainable_parameters(self.unet)  # FSDP replaces them with sharded ones (the same under DDP)
         # The lr scheduler is stepped once per optimizer step by hand (accelerate would step it once per
         # process); it is checkpointed as a custom object.
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
@@ -490,6 +504,22 @@ class RewardFinetuner:
         self._val_batch: tuple[torch.Tensor, list[str], list[int]] | None = None
 
     # -- checks --------------------------------------------------------------------------------------
+    def _check_sharding(self, config: RewardFinetuneConfig) -> None:
+        """What FSDP needs: every denoiser call all-gathers parameters, so all processes make the same calls."""
+        n, world = len(self.val_prompts) * config.data.val_images_per_prompt, self.accelerator.num_processes
+        if n % world:
+            raise ValueError(
+                f"train.distributed=fsdp: the {n} validation images (data.val_prompts x data.val_images_per_prompt) "
+                f"must split evenly over the {world} processes (each sampling call is a collective); add prompts or "
+                "images per prompt."
+            )
+        if config.train.ema_decay:
+            raise ValueError("train.ema_decay with train.distributed=fsdp is not supported (the average would be "
+                             "sharded and checkpointed by one process); set train.ema_decay=0.")
+        if not config.lora.enabled:
+            raise ValueError("train.distributed=fsdp trains a LoRA (lora.enabled=true); full fine-tuning under FSDP "
+                             "is not supported by this trainer's export.")
+
     def _check_differentiable(self, reward: CompositeReward, what: str) -> None:
         if self.cfg.method.name not in GRADIENT_METHODS:
             return
@@ -524,7 +554,7 @@ class RewardFinetuner:
         s = self.cfg.sampling
         return dict(
             num_steps=s.num_steps, guidance_scale=s.guidance_scale, scheduler=s.scheduler, eta=s.eta,
-            use_checkpoint=s.checkpoint_unet,
+            use_checkpoint=self._checkpoint_calls,
         )
 
     @torch.no_grad()
@@ -585,16 +615,18 @@ class RewardFinetuner:
         cond, uncond = self._encode(prompts)
         # Calls with gradients go through the prepared (DDP/FSDP) module, so its hooks reduce the gradients.
         kw = dict(generator=gen, resolution=self.resolution, reference=ref, unet=self.unet, **self._sample_kwargs())
+        # Under FSDP each denoiser call is a collective: every process draws the same K / ReFL step.
+        kgen = _generator(self.cfg.train.seed, step, 0, micro, 4) if self.sharded else gen
         if m.name == "draft":
             out = denoise(self.adapter, cond, uncond, grad_steps=m.k, **kw)
         elif m.name == "alignprop":
-            k = draw_truncation_k(m, s.num_steps, gen)
+            k = draw_truncation_k(m, s.num_steps, kgen)
             stats["truncation_k"] = k
             out = denoise(self.adapter, cond, uncond, grad_steps=k, **kw)
         elif m.name == "refl":
             lo, hi = m.refl_step_range or (int(round(0.75 * s.num_steps)), s.num_steps - 1)
             lo = min(lo, hi)
-            mid = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+            mid = int(torch.randint(lo, hi + 1, (1,), generator=kgen))
             stats["refl_step"] = mid
             out = denoise(self.adapter, cond, uncond, grad_steps=1, stop_at=mid, **kw)
         else:  # draft-lv
@@ -603,7 +635,7 @@ class RewardFinetuner:
                                 unet=self.model, **self._sample_kwargs()).latents
             out = renoise_final_step(self.adapter, final, cond, uncond, n=m.lv_n, generator=gen, reference=ref,
                                      unet=self.unet, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
-                                     scheduler=s.scheduler, eta=s.eta, use_checkpoint=s.checkpoint_unet)
+                                     scheduler=s.scheduler, eta=s.eta, use_checkpoint=self._checkpoint_calls)
             prompts = [p for p in prompts for _ in range(m.lv_n)]
         images = decode(self.adapter, out.latents, use_checkpoint=s.checkpoint_vae)
         r = self.reward(images, prompts)
@@ -822,10 +854,11 @@ class RewardFinetuner:
                 break
         lora_path = None
         acc.wait_for_everyone()
+        state = full_trainable_state(self.model) if self.sharded else None  # FSDP: gathered on every process
         if acc.is_main_process:
             with ema_weights(self.ema):  # with train.ema_decay the exported model is the EMA
                 if self.cfg.lora.enabled:
-                    lora_path = export_lora(self.pipe, self.model, self.output_dir)
+                    lora_path = export_lora(self.pipe, self.model, self.output_dir, state=state)
                 else:
                     self.model.save_pretrained(self.output_dir / "unet")
         acc.end_training()
@@ -843,7 +876,10 @@ class RewardFinetuner:
     def _observe(self, val: dict) -> dict:
         """The monitor's signals for the validation just run (its images; `best/` when the held-out score improves)."""
         images, prompts, index = self._val_batch
-        save = weights_saver(self.pipe, self.model, self.ema, lora=self.cfg.lora.enabled)
+        if self.sharded and self.monitor.enabled:  # FSDP: the LoRA is gathered on every process, one writes it
+            save = functools.partial(export_lora, self.pipe, self.model, state=full_trainable_state(self.model))
+        else:
+            save = weights_saver(self.pipe, self.model, self.ema, lora=self.cfg.lora.enabled)
         return self.monitor.on_validation(self.step, val, images, prompts, index, save_best=save)
 
     def _mean_over_processes(self, scalars: dict) -> dict:
