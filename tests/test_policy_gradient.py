@@ -235,3 +235,14 @@ def test_ddpo_on_sdxl_and_v_prediction(family, prediction_type, tmp_path):
     assert row["policy/ratio_dev_first"] == 0.0 and row["policy/logprob_recompute_err"] < 1e-5
     assert math.isfinite(row["loss"])
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_shared_noise_starts_a_group_from_one_noise(tmp_path):
+    trainer = PolicyGradientTrainer(_cfg("method.shared_noise=true", "method.group_size=3"), reward=CenterBright(),
+                                    output_dir=str(tmp_path))
+    ro = trainer.sample_epoch(0)
+    start, final = ro.traj.latents[:, 0], ro.traj.final
+    assert ro.groups.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(start[0], start[1]) and torch.equal(start[0], start[2])  # one starting noise per group
+    assert not torch.equal(start[0], start[3])  # another group, another noise
+    assert not torch.allclose(final[0], final[1])  # the step noise still differs within the group
