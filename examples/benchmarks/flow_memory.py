@@ -3,6 +3,13 @@ Diffusion-DPO pairs per second, with random weights (no download).
 
     python examples/benchmarks/flow_memory.py --device cuda              # FLUX.1 / SD3.5-M sizes, bf16, 512 px
     python examples/benchmarks/flow_memory.py --device cpu --tiny        # the same code on tiny configs (CI)
+    torchrun --nproc_per_node 2 examples/benchmarks/flow_memory.py --fsdp            # FLUX DRaFT-1 under FSDP2
+    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 examples/benchmarks/flow_memory.py --fsdp --tiny --device cpu
+
+``--fsdp`` runs the FLUX DRaFT-1 step as the trainers do under ``train.distributed: fsdp``: accelerate's FSDP2
+(`make_accelerator` + `prepare_denoiser`: one FSDP unit per FLUX block, accelerate's per-block activation
+checkpointing, bf16 compute with fp32 LoRA on GPUs) with the frozen weights sharded too; the peak is the
+largest over the processes.
 
 What runs is the library's own code: `PipelineAdapter` + `alignment.sampling.denoise` (28 flow-Euler steps,
 the last with gradients, checkpointed transformer) + checkpointed VAE decode + a differentiable reward,
@@ -17,6 +24,7 @@ pixel statistic, so its cost is not counted either (a CLIP-H reward adds ~2 GB b
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -125,13 +133,22 @@ def draft_flux(args, dtype) -> dict:
     from alignment.sampling import decode, denoise
     from alignment.trainers.common import LoraSection, add_lora
 
-    pipe = build("flux", args.tiny, args.device, dtype)
+    acc = _fsdp_accelerator(args) if args.fsdp else None
+    device = str(acc.device) if acc is not None else args.device
+    pipe = build("flux", args.tiny, device, dtype)
     ad = PipelineAdapter(pipe)
     ad.max_sequence_length = args.max_sequence_length
     lora = LoraSection(rank=args.rank, alpha=args.rank, target_modules=list(ad.lora_target_modules))
     params = add_lora(ad.denoiser, lora, seed=0)
-    ad.denoiser.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(params, lr=1e-5)
+    model = ad.denoiser
+    if acc is None:
+        ad.denoiser.enable_gradient_checkpointing()
+    else:  # the trainers' FSDP path; a checkpoint around the whole sharded call cannot recompute (common.py)
+        from alignment.trainers.common import prepare_denoiser, trainable_parameters
+
+        model, opt = prepare_denoiser(acc, ad, model, opt, activation_checkpointing=True)
+        params = trainable_parameters(model)
     prompts = ["a photo of a red fox in the snow"] * args.batch
     cond = ad.encode_prompts(prompts)
     times = []
@@ -141,18 +158,35 @@ def draft_flux(args, dtype) -> dict:
         tic = time.perf_counter()
         with torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype != torch.float32):
             out = denoise(ad, cond, None, num_steps=args.num_steps, guidance_scale=3.5, grad_steps=1,
-                          resolution=args.resolution, generator=torch.Generator().manual_seed(step), use_checkpoint=True)
+                          resolution=args.resolution, generator=torch.Generator().manual_seed(step),
+                          use_checkpoint=acc is None, unet=model)
         images = decode(ad, out.latents)
         loss = -images.float().std(dim=(1, 2, 3)).mean()  # a differentiable pixel reward (contrast)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _sync(args.device)
+        _sync(device)
         if step:  # the first step warms up kernels and allocator
             times.append(time.perf_counter() - tic)
-    n_params = sum(p.numel() for p in pipe.transformer.parameters())
-    return {"transformer_params_B": n_params / 1e9, "lora_params_M": sum(p.numel() for p in params) / 1e6,
-            "draft1_step_s": sum(times) / len(times), "draft1_peak_GB": _peak_gb(args.device)}
+    # sizes of the whole model (a sharded parameter's numel is its global size)
+    n_params = sum(p.numel() for p in model.parameters())
+    res = {"transformer_params_B": n_params / 1e9, "lora_params_M": sum(p.numel() for p in params) / 1e6,
+           "draft1_step_s": sum(times) / len(times), "draft1_peak_GB": _peak_gb(device)}
+    if acc is not None:
+        worst = acc.gather(torch.tensor([[res["draft1_peak_GB"], res["draft1_step_s"]]], device=acc.device)).max(0).values
+        res.update(fsdp_processes=acc.num_processes, draft1_peak_GB=float(worst[0]), draft1_step_s=float(worst[1]))
+    return res
+
+
+def _fsdp_accelerator(args):
+    """accelerate with FSDP2 as ``train.distributed: fsdp`` builds it (bf16 on GPUs, fp32 on CPU)."""
+    from alignment.trainers.common import TrainSection, make_accelerator
+
+    precision = "bf16" if torch.device(args.device).type == "cuda" else "no"
+    acc = make_accelerator(TrainSection(distributed="fsdp", mixed_precision=precision, report_to="none"), args.out)
+    if acc.num_processes < 2:
+        raise SystemExit("--fsdp shards over processes: launch with torchrun --nproc_per_node N (N >= 2)")
+    return acc
 
 
 def dpo_sd3(args, dtype) -> dict:
@@ -213,7 +247,13 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     p.add_argument("--max-sequence-length", type=int, default=512)
     p.add_argument("--only", choices=["draft", "dpo"], default=None)
+    p.add_argument("--fsdp", action="store_true", help="FLUX DRaFT-1 under accelerate FSDP2 (launch with torchrun)")
+    p.add_argument("--out", default="outputs/flow_memory", help="accelerate's project dir under --fsdp")
     args = p.parse_args(argv)
+    if args.fsdp:
+        if args.only == "dpo":
+            raise SystemExit("--fsdp measures the FLUX DRaFT-1 step; drop --only dpo")
+        args.only = "draft"
     if args.resolution is None:
         args.resolution = 32 if args.tiny else 512
     if args.num_steps is None:
@@ -229,6 +269,8 @@ def main(argv=None) -> dict:
         results.update(draft_flux(args, dtype))
     if args.only in (None, "dpo"):
         results.update(dpo_sd3(args, dtype))
+    if args.fsdp and int(os.environ.get("RANK", "0")) != 0:
+        return results  # the main process prints the largest peak of all
     for k, v in results.items():
         print(f"{k:>26}: {v:.3f}" if isinstance(v, float) else f"{k:>26}: {v}")
     return results
