@@ -611,6 +611,10 @@ def prepare_denoiser(accelerator, adapter, denoiser: torch.nn.Module, *objects, 
     if is_sharded(accelerator):
         plugin = accelerator.state.fsdp_plugin
         blocks = getattr(adapter, "fsdp_block_classes", ())
+        if plugin.auto_wrap_policy is None and blocks:  # an FSDP launch config without an auto-wrap policy
+            from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+            plugin.auto_wrap_policy = transformer_auto_wrap_policy
         if plugin.transformer_cls_names_to_wrap is None and blocks:
             plugin.transformer_cls_names_to_wrap = list(blocks)
         plugin.activation_checkpointing = plugin.activation_checkpointing or bool(activation_checkpointing)
