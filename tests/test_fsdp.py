@@ -214,3 +214,38 @@ def test_flow_memory_benchmark_runs_under_fsdp(tmp_path):
     lines = {k.strip(): v for k, v in (line.split(":", 1) for line in proc.stdout.splitlines() if ":" in line)}
     assert lines["fsdp_processes"].strip() == "2" and float(lines["draft1_step_s"]) > 0
     assert proc.stdout.count("draft1_step_s") == 1  # the main process prints the run's largest numbers once
+
+
+def test_distributed_setting_is_checked():
+    from alignment.trainers.common import LoraSection, ModelSection, TrainSection, check_sections
+
+    with pytest.raises(ValueError, match="train.distributed must be one of"):
+        check_sections(ModelSection(tiny="flux"), LoraSection(), TrainSection(distributed="zero3"))
+
+
+@pytest.mark.parametrize("override, match", [("train.ema_decay=0.999", "ema_decay"), ("lora.enabled=false", "full fine-tuning"),
+                                             ("online.enabled=true", "online")])
+def test_dpo_refuses_what_fsdp_does_not_support(override, match):
+    from alignment.configs import load_config
+    from alignment.trainers.dpo import DPOConfig, check_sharding
+
+    check_sharding(load_config(DPOConfig, str(TINY / "dpo_sd3.yaml")))  # the tiny recipe itself is fine
+    with pytest.raises(ValueError, match=match):
+        check_sharding(load_config(DPOConfig, str(TINY / "dpo_sd3.yaml"), [override]))
+
+
+def test_reward_trainer_refuses_uneven_validation_under_fsdp():
+    from types import SimpleNamespace
+
+    from alignment.configs import load_config
+    from alignment.trainers.reward_finetune import RewardFinetuneConfig, RewardFinetuner
+
+    cfg = load_config(RewardFinetuneConfig, str(TINY / "reward_draft_flux.yaml"), ["data.val_images_per_prompt=1"])
+    trainer = SimpleNamespace(val_prompts=["a cat", "a dog", "a cow"], accelerator=SimpleNamespace(num_processes=2))
+    with pytest.raises(ValueError, match="split evenly"):
+        RewardFinetuner._check_sharding(trainer, cfg)
+    trainer.val_prompts = ["a cat", "a dog"]
+    RewardFinetuner._check_sharding(trainer, cfg)
+    cfg.train.ema_decay = 0.999
+    with pytest.raises(ValueError, match="ema_decay"):
+        RewardFinetuner._check_sharding(trainer, cfg)
