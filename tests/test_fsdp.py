@@ -36,7 +36,11 @@ from alignment.trainers.dpo import DPOConfig, DPOTrainer
 # accelerate's end_training destroys the process group; the jobs of this launch share it.
 accelerate.Accelerator.end_training = lambda self: [t.finish() for t in self.trackers]
 jobs = json.loads(Path(sys.argv[1]).read_text())
+from accelerate.state import AcceleratorState, GradientState
 for job in jobs:
+    # a fresh accelerate state per job (its mixed precision is fixed once set); the process group stays
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
     out = Path(job["out"])
     if job.get("copy_from"):  # an interrupted run: the source run's files up to one checkpoint
         if int(dist.get_rank()) == 0:
@@ -86,6 +90,9 @@ def _jobs(root: Path, fsdp: bool) -> list[dict]:
     jobs = [
         {"kind": "reward", "config": str(TINY / "reward_draft_flux.yaml"), "out": str(root / "draft"), "overrides": REWARD + DRAFT + d},
         {"kind": "dpo", "config": str(TINY / "dpo_sd3.yaml"), "out": str(root / "dpo"), "overrides": DPO + d},
+        # bf16: accelerate's FSDP2 mixed-precision policy (bf16 all-gathers, fp32 LoRA), as on GPUs
+        {"kind": "reward", "config": str(TINY / "reward_draft_flux.yaml"), "out": str(root / "draft_bf16"),
+         "overrides": REWARD + DRAFT + d + ["train.mixed_precision=bf16", "train.max_steps=1", "train.save_every=0"]},
     ]
     if fsdp:
         jobs += [
@@ -160,6 +167,16 @@ def test_fsdp_shards_the_denoiser_and_matches_ddp(ddp, fsdp, job):
     assert torch.isfinite(torch.tensor(f0["loss"])) and f0["loss"] == pytest.approx(f1["loss"])  # loss averaged over ranks
     assert f0["loss"] == pytest.approx(d0["loss"], rel=1e-4, abs=1e-6)
     _assert_same_lora(_lora(fsdp / job), _lora(ddp / job))
+
+
+def test_fsdp_bf16_gradients_match_ddp_bf16(ddp, fsdp):
+    # Compared at step 1 (same weights on both): Adam's first steps normalise each entry's gradient, so bf16
+    # rounding in near-zero entries moves the weights apart by more than it moves the gradient.
+    f, d = (_rows(run / "draft_bf16")[0] for run in (fsdp, ddp))
+    assert f["wrapper"].startswith("FSDP") and f["param"] == "DTensor"
+    gf, gd = (json.loads((run / "draft_bf16" / "metrics.jsonl").read_text().splitlines()[1])["grad_norm"] for run in (fsdp, ddp))
+    assert gf == pytest.approx(gd, rel=0.03) and gd > 0
+    assert f["loss"] == pytest.approx(d["loss"], rel=1e-3)
 
 
 @pytest.mark.parametrize("job", ["draft", "dpo"])

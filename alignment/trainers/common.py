@@ -568,17 +568,18 @@ def _fsdp_on_cpu(accelerator, plugin) -> None:
     accelerate (1.15) sets ``DistributedType.FSDP`` only for accelerator backends and silently runs DDP on
     CPU, while torch's FSDP2 (`fully_shard` on a CPU device mesh) runs on gloo; the state is switched so
     that a CPU run goes through the same accelerate FSDP2 code (prepare, clipping, no_sync, checkpoints) as
-    a GPU one. That is what the 2-process CPU tests check. Mixed precision is a GPU matter and is refused.
+    a GPU one. That is what the 2-process CPU tests check. bf16 gets accelerate's FSDP2 mixed-precision policy;
+    fp16 is refused.
     """
     from accelerate.utils import DistributedType
 
     if accelerator.device.type != "cpu" or accelerator.num_processes < 2:
         return
-    if accelerator.mixed_precision != "no":
-        raise ValueError(
-            f"train.distributed=fsdp on CPU runs in fp32; got train.mixed_precision={accelerator.mixed_precision!r}. "
-            "Set train.mixed_precision=no, or run FSDP on GPUs."
-        )
+    if accelerator.mixed_precision == "fp16":  # FSDP2 would need accelerate's sharded grad scaler, made at init
+        raise ValueError("train.distributed=fsdp on CPU runs in fp32 or bf16; got train.mixed_precision='fp16'. "
+                         "Use bf16 or no, or run FSDP on GPUs.")
+    if accelerator.mixed_precision == "bf16":  # what accelerate does for FSDP on GPUs: bf16 all-gathers and compute
+        plugin.set_mixed_precision("bf16")
     from accelerate.state import PartialState
 
     # Both shared states: every `AcceleratorState()` (the optimizer wrapper makes one) copies PartialState's over its own.
