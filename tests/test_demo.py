@@ -98,3 +98,37 @@ def test_demo_defaults_to_the_toy_world_with_oracle_verdicts(tmp_path, capsys):
     doc = json.loads((tmp_path / "scores.json").read_text())
     assert {"toyworld-clip", "oracle color", "oracle overall"} <= set(doc["prompts"][0]["images"][0])
     assert (tmp_path / "sheets" / "prompt_0000.png").is_file()
+
+
+def test_demo_train_shows_before_and_after_on_held_out_prompts(tmp_path, capsys):
+    # A tiny budget (1 step of DRaFT-K, 2 sampler steps, 2 images): the plumbing and the report, not the gain
+    # (the gain at the default 50 steps is in the README).
+    rc = main(["demo", "--train", "draft", "--train-steps", "1", "--output-dir", str(tmp_path), "--n", "2",
+               "--prompt", "a red circle on the left", "--prompt", "a blue square at the top", "--steps", "2",
+               "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "DRaFT-K" in out and "before:" in out and "after:" in out and "gain, points:" in out
+    doc = json.loads((tmp_path / "before_after.json").read_text())
+    assert doc["method"] == "draft" and doc["train_steps"] == 1 and doc["seed"] >= 1_000_000  # held-out seeds
+    assert set(doc["before"]) == set(doc["after"]) == {"color", "shape", "position", "overall"}
+    assert [r["prompt"] for r in doc["prompts"]] == ["a red circle on the left", "a blue square at the top"]
+    assert all(0.0 <= v <= 1.0 for v in doc["before"].values())
+    assert abs(doc["gain"]["overall"] - (doc["after"]["overall"] - doc["before"]["overall"])) < 1e-9
+    assert len(list((tmp_path / "sheets").glob("prompt_*.png"))) == 2 and (tmp_path / "index.html").is_file()
+    from PIL import Image
+
+    with Image.open(tmp_path / "sheets" / "prompt_0000.png") as sheet:  # two rows (before, after) of 2 images
+        assert sheet.size[1] > 2 * 128
+    assert (tmp_path / "train" / "pytorch_lora_weights.safetensors").is_file() or doc["lora"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--train", "dpo"], "--train 'dpo' is not a training demo; use one of draft"),
+    (["--train", "draft", "--random"], "--train runs on the toy world only"),
+    (["--train", "draft", "--train-steps", "0"], "--train-steps must be >= 1; got 0"),
+])
+def test_demo_train_errors(tmp_path, capsys, argv, expected):
+    assert main(["demo", "--output-dir", str(tmp_path), *argv]) == 1
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1
