@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import CLIPConfig, CLIPModel
+from transformers import CLIPConfig, CLIPModel, CLIPVisionModelWithProjection
 
+from . import clip_cpu_inference
 from .tokenization import clip_tokenizer_from_bpe, load_tokenizer, tiny_clip_tokenizer
 
 LAION_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -106,14 +107,23 @@ def load_hf_clip(path: str | os.PathLike) -> CLIPModel:
         ) from None
 
 
-def image_embeds(model: CLIPModel, pixels: torch.Tensor) -> torch.Tensor:
-    """visual_projection(post_layernorm(CLS)): the standard CLIP image embedding, (B, P)."""
-    return model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+def image_embeds(model: CLIPModel | CLIPVisionModelWithProjection, pixels: torch.Tensor) -> torch.Tensor:
+    """visual_projection(post_layernorm(CLS)): the standard CLIP image embedding, (B, P).
+
+    Scoring in bf16 on CPU (no gradients) runs the tower on `clip_cpu_inference`'s fused path.
+    """
+    vision = model.vision_model
+    if clip_cpu_inference.applies(vision, pixels):
+        return model.visual_projection(clip_cpu_inference.vision_forward(vision, pixels, pooled=True))
+    return model.visual_projection(vision(pixel_values=pixels).pooler_output)
 
 
 def image_tokens(model: CLIPModel, pixels: torch.Tensor) -> torch.Tensor:
     """visual_projection of the whole vision sequence, **without** post_layernorm (LeScore/MPS), (B, N, P)."""
-    return model.visual_projection(model.vision_model(pixel_values=pixels).last_hidden_state)
+    vision = model.vision_model
+    if clip_cpu_inference.applies(vision, pixels):
+        return model.visual_projection(clip_cpu_inference.vision_forward(vision, pixels, pooled=False))
+    return model.visual_projection(vision(pixel_values=pixels).last_hidden_state)
 
 
 def text_embeds(model: CLIPModel, ids: torch.Tensor) -> torch.Tensor:

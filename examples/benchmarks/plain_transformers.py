@@ -7,20 +7,29 @@ Same weights, dtype and batch (N images over a few prompts, as best-of-N and pai
 - ours cold: `reward.score(tensor_images, prompts)` with an empty prompt cache (each unique prompt
   encoded once, its ids cut after EOT; one batched tensor preprocessing pass);
 - ours warm: the same with the prompts already cached (every later batch of a best-of-N run);
-- ours compiled (`--compile`, CUDA): the image tower under `torch.compile(dynamic=False)`.
-Paths are interleaved repeat by repeat and the best time of each is kept (this CPU is shared).
-On CUDA it also reports the image tower's FLOP rate as a % of the measured bf16 matmul peak.
+- ours compiled (`--compile`): the image tower under `torch.compile(dynamic=False)` (meant for CUDA);
+- ours, transformers tower (`--ablate`): warm cache with the bf16 CPU tower path off
+  (`REWARD_PLUGINS_CPU_FAST_PATH=0`), i.e. the transformers modules themselves.
+Paths are interleaved repeat by repeat and the best time of each is kept. Both wall time and process
+CPU time are reported: on a shared CPU (other jobs preempting this one) wall time is mostly noise, while
+with one thread (`--threads 1`) the CPU time is the work done; the CPU-time ratio is the one to read there.
+On CUDA (or with `--peak`) it also reports the image tower's FLOP rate as a % of the measured matmul peak
+in the same dtype. `--dry-run` runs all of that (compile with the "eager" backend, a small peak matmul)
+on the tiny model, so the GPU command is exercised on CPU by the tests.
 
     python examples/benchmarks/plain_transformers.py                                   # tiny, CPU
-    python examples/benchmarks/plain_transformers.py --full --dtype bf16 --batch 16 --prompts 4
+    python examples/benchmarks/plain_transformers.py --full --dtype bf16 --batch 16 --prompts 4 --threads 1
     python examples/benchmarks/plain_transformers.py --full --device cuda --dtype bf16 --batch 64 --compile
+    python examples/benchmarks/plain_transformers.py --dtype bf16 --batch 8 --compile --dry-run   # CPU check
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -31,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.benchmarks.cases.pickscore import clip_processor, full_tokenizer, vit_flops  # noqa: E402
 from examples.benchmarks.score_throughput import matmul_peak, sync  # noqa: E402
-from reward_plugins.clip_backbone import build_clip, tiny_clip_config, vit_h14_config  # noqa: E402
+from reward_plugins.clip_backbone import build_clip, image_embeds, tiny_clip_config, vit_h14_config  # noqa: E402
 from reward_plugins.preprocess import tensor_to_pil  # noqa: E402
 from reward_plugins.registry import resolve_dtype  # noqa: E402
 from reward_plugins.rewards.pickscore import PickScore  # noqa: E402
@@ -64,17 +73,33 @@ def plain_path(model, tokenizer, device: str, dtype: torch.dtype):
     return run
 
 
-def time_interleaved(paths: dict, device: str, repeats: int) -> tuple[dict, dict]:
+@contextmanager
+def fast_path_off():
+    old = os.environ.get("REWARD_PLUGINS_CPU_FAST_PATH")
+    os.environ["REWARD_PLUGINS_CPU_FAST_PATH"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["REWARD_PLUGINS_CPU_FAST_PATH"]
+        else:
+            os.environ["REWARD_PLUGINS_CPU_FAST_PATH"] = old
+
+
+def time_interleaved(paths: dict, device: str, repeats: int) -> tuple[dict, dict, dict]:
+    """Best wall and best process-CPU seconds of each path over `repeats` interleaved rounds, last outputs."""
     best = {k: float("inf") for k in paths}
+    best_cpu = dict(best)
     outs = {}
     for _ in range(repeats):
         for name, fn in paths.items():
             sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             outs[name] = fn()
             sync(device)
             best[name] = min(best[name], time.perf_counter() - t)
-    return best, outs
+            best_cpu[name] = min(best_cpu[name], time.process_time() - c)
+    return best, best_cpu, outs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,9 +112,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=512, help="image side (SD 1.5 output: 512)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also time ours with a compiled image tower")
+    ap.add_argument("--compile-backend", default="inductor", help='torch.compile backend ("eager": a quick check)')
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own setting)")
+    ap.add_argument("--ablate", action="store_true", help="also time ours with the transformers image tower")
+    ap.add_argument("--peak", action="store_true", help="report the tower's % of matmul peak (default on CUDA)")
+    ap.add_argument("--peak-size", type=int, default=8192, help="side of the square matmuls timed for the peak")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="quick CPU check of every code path: tiny model, --peak with a 256 matmul, compile backend "
+                         '"eager", one repeat')
     args = ap.parse_args(argv)
     if not 1 <= args.prompts <= len(PROMPTS):
         ap.error(f"--prompts must be in 1..{len(PROMPTS)}; got {args.prompts}")
+    if args.dry_run:
+        if args.full:
+            ap.error("--dry-run runs the tiny model; drop --full")
+        args.peak, args.peak_size, args.compile_backend, args.repeats = True, 256, "eager", 1
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error(f"--threads must be >= 1; got {args.threads}")
+        torch.set_num_threads(args.threads)
     dtype = resolve_dtype(args.dtype)
 
     with seeded(0):
@@ -110,38 +151,55 @@ def main(argv: list[str] | None = None) -> None:
         reward.prompt_cache.clear()
         return reward.score(dev_images, prompts).scores
 
+    def ours_transformers_tower():
+        with fast_path_off():
+            return reward.score(dev_images, prompts).scores
+
     paths = {"plain transformers": partial(plain, pil, prompts), "ours (cold cache)": ours_cold,
              "ours (warm cache)": lambda: reward.score(dev_images, prompts).scores}
-    plain(pil[:1], prompts[:1])  # warm-up: kernels, allocator, lazy init (one image, one prompt)
+    if args.ablate:
+        paths["ours (warm, hf tower)"] = ours_transformers_tower
+    # Warm-up: kernels, allocator, lazy init (one image, one prompt); ours also packs its CPU bf16 weights once.
+    t = time.perf_counter()
+    plain(pil[:1], prompts[:1])
+    t_plain_warm, t = time.perf_counter() - t, time.perf_counter()
     reward.score(dev_images[:1], prompts[:1])
-    best, outs = time_interleaved(paths, args.device, args.repeats)
+    t_ours_warm = time.perf_counter() - t
+    best, best_cpu, outs = time_interleaved(paths, args.device, args.repeats)
     if args.compile:
-        reward.compile_image_tower(mode="max-autotune-no-cudagraphs" if args.device.startswith("cuda") else "default")
+        opts = ({"mode": "max-autotune-no-cudagraphs" if args.device.startswith("cuda") else "default"}
+                if args.compile_backend == "inductor" else {"backend": args.compile_backend})
+        reward.compile_image_tower(**opts)
         reward.score(dev_images, prompts)  # compiles for this batch size
-        b, o = time_interleaved({"ours (compiled, warm)": lambda: reward.score(dev_images, prompts).scores},
-                                args.device, args.repeats)
+        b, c, o = time_interleaved({"ours (compiled, warm)": lambda: reward.score(dev_images, prompts).scores},
+                                   args.device, args.repeats)
         best.update(b)
+        best_cpu.update(c)
         outs.update(o)
 
     print(f"PickScore {'ViT-H/14' if args.full else 'tiny'} device={args.device} dtype={dtype} batch={args.batch} "
-          f"prompts={args.prompts} size={args.size} torch={torch.__version__} threads={torch.get_num_threads()}")
+          f"prompts={args.prompts} size={args.size} torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"warm-up s: plain {t_plain_warm:.2f}, ours {t_ours_warm:.2f}")
     ref = outs["plain transformers"].cpu()
-    t_plain = best["plain transformers"]
-    print(f"{'path':<24}{'s/batch':>10}{'img/s':>9}{'vs plain':>10}{'max |diff|':>12}")
+    t_plain, c_plain = best["plain transformers"], best_cpu["plain transformers"]
+    print(f"{'path':<24}{'s/batch':>10}{'img/s':>9}{'vs plain':>10}{'max |diff|':>12}{'cpu s':>10}{'cpu vs plain':>14}")
     for name, t in best.items():
         diff = float((outs[name].float().cpu() - ref).abs().max())
-        print(f"{name:<24}{t:>10.3f}{args.batch / t:>9.2f}{t_plain / t:>9.2f}x{diff:>12.4f}")
+        c = best_cpu[name]
+        print(f"{name:<24}{t:>10.3f}{args.batch / t:>9.2f}{t_plain / t:>9.2f}x{diff:>12.4f}{c:>10.3f}"
+              f"{c_plain / max(c, 1e-9):>13.2f}x")
 
-    if args.device.startswith("cuda"):
-        peak = matmul_peak(args.device, dtype)
+    if args.peak or args.device.startswith("cuda"):
+        peak = matmul_peak(args.device, dtype, n=args.peak_size)
         px = reward.transform(dev_images).to(dtype)
-        tower = partial(lambda x: reward.model.vision_model(pixel_values=x).pooler_output, px)
+        tower = partial(image_embeds, reward.model, px)  # what scoring runs: compiled, CPU bf16 path or transformers
         with torch.no_grad():
             tower()
-            b, _ = time_interleaved({"tower": tower}, args.device, max(args.repeats, 3))
+            b, _, _ = time_interleaved({"tower": tower}, args.device, max(args.repeats, 3))
         rate = flops * args.batch / b["tower"]
-        print(f"image tower: {rate / 1e12:.1f} TFLOP/s = {100 * rate / peak:.1f}% of the measured {dtype} matmul "
-              f"peak ({peak / 1e12:.1f} TFLOP/s)")
+        compiled = "compiled " if args.compile else ""
+        print(f"{compiled}image tower: {rate / 1e12:.3f} TFLOP/s = {100 * rate / peak:.1f}% of the measured {dtype} "
+              f"matmul peak ({peak / 1e12:.3f} TFLOP/s, {args.peak_size}-square matmuls)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from ..base import RewardModel
 from ..checkpoints import load_into, load_state_dict, resolve_file
-from ..clip_backbone import OPENAI_L14, tiny_clip_config
+from ..clip_backbone import OPENAI_L14, image_embeds, tiny_clip_config
 from ..heads import LinearMLPHead
 from ..preprocess import ImageTransform
 from ..registry import register_reward
@@ -47,7 +47,7 @@ class LaionAesthetic(RewardModel):
         self.transform = ImageTransform(224, "crop", crop_rounding="round")
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.vision(pixel_values=self.preprocess(images)).image_embeds, dim=-1)
+        return F.normalize(image_embeds(self.vision, self.preprocess(images)), dim=-1)  # = .image_embeds
 
     def compute(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         return {"aesthetic": self.head(self.embed(images))}

@@ -1,0 +1,160 @@
+"""A faster bf16 CPU inference path for transformers CLIP vision towers (scoring without gradients).
+
+The image tower is ~99 % of a CLIP reward's work. On CPU in bf16 the plain transformers forward runs each
+`nn.Linear` through oneDNN with its weight in PyTorch's layout, so every call reorders the weight into
+oneDNN's blocked layout, and the bias-GELU and residual additions are separate passes over the
+activations. This path runs the same encoder layers with
+
+- weights reordered once into oneDNN's layout (`torch.ops.mkldnn._reorder_linear_weight`, what
+  inductor's freezing does) and kept beside the model, cached per tower, rebuilt when a weight changes;
+- the exact (erf) GELU and the residual additions fused into the matmul epilogues (applied to the fp32
+  accumulator, so one bf16 rounding fewer than the plain path per fused op);
+- for pooled embeddings, only the CLS token computed in the last layer (its keys and values still see
+  every token): the rest of the last layer's output is never read by `pooler_output`.
+
+Same math as transformers' `CLIPEncoderLayer` (pre-LN attention with SDPA, pre-LN MLP); the matmuls are
+bit-identical to `F.linear`'s on the same inputs. It is used only where it helps and is exact to the
+bf16 rounding: CPU, bf16 weights and input, gradients off, tower not compiled, "gelu"/"quick_gelu".
+Everywhere else (fp32, CUDA, training through the reward) the transformers modules run unchanged.
+Set ``REWARD_PLUGINS_CPU_FAST_PATH=0`` to turn it off.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACTS = ("gelu", "quick_gelu")
+_CACHE: weakref.WeakKeyDictionary[nn.Module, _PackedTower] = weakref.WeakKeyDictionary()
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: str = "none") -> torch.Tensor:
+    if act == "gelu":
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")  # erf GELU, as nn.GELU()
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def _linear_add(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, b, "add")
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach())
+
+
+@dataclass
+class _PackedLayer:
+    ln1: nn.LayerNorm
+    ln2: nn.LayerNorm
+    q: torch.Tensor
+    q_bias: torch.Tensor | None
+    kv: torch.Tensor  # k and v stacked: one matmul
+    kv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    fc1: torch.Tensor
+    fc1_bias: torch.Tensor | None
+    fc2: torch.Tensor
+    fc2_bias: torch.Tensor | None
+    heads: int
+    scale: float
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> _PackedLayer:
+        a, m = layer.self_attn, layer.mlp
+
+        def bias(*lins):
+            bs = [lin.bias for lin in lins]
+            return None if any(b is None for b in bs) else torch.cat([b.detach() for b in bs])
+
+        return cls(
+            ln1=layer.layer_norm1, ln2=layer.layer_norm2,
+            q=_pack(a.q_proj.weight), q_bias=bias(a.q_proj),
+            kv=_pack(torch.cat([a.k_proj.weight, a.v_proj.weight])), kv_bias=bias(a.k_proj, a.v_proj),
+            o=_pack(a.out_proj.weight), o_bias=bias(a.out_proj),
+            fc1=_pack(m.fc1.weight), fc1_bias=bias(m.fc1), fc2=_pack(m.fc2.weight), fc2_bias=bias(m.fc2),
+            heads=a.num_heads, scale=a.scale,
+        )
+
+    def __call__(self, h: torch.Tensor, act: str, cls_only: bool = False) -> torch.Tensor:
+        """One `CLIPEncoderLayer` on (B, S, D); with `cls_only`, the (B, 1, D) output at token 0."""
+        b, s, d = h.shape
+        hd = d // self.heads
+        x = h.reshape(b * s, d)
+        y = F.layer_norm(x, (d,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
+        k, v = _linear(y, self.kv, self.kv_bias).view(b, s, 2, self.heads, hd).transpose(1, 3).unbind(2)
+        if cls_only:  # only token 0 is read after the last layer; it still attends to every token
+            y, x, s = y.view(b, s, d)[:, 0], x.view(b, s, d)[:, 0].contiguous(), 1
+        q = _linear(y, self.q, self.q_bias).view(b, s, self.heads, hd).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(b * s, d)
+        x = _linear_add(o, self.o, self.o_bias, x)
+        y = F.layer_norm(x, (d,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
+        if act == "gelu":
+            y = _linear(y, self.fc1, self.fc1_bias, "gelu")
+        else:  # transformers' QuickGELUActivation
+            y = _linear(y, self.fc1, self.fc1_bias)
+            y = y * torch.sigmoid(1.702 * y)
+        return _linear_add(y, self.fc2, self.fc2_bias, x).view(b, s, d)
+
+
+def _signature(layers: nn.Module) -> tuple:
+    # A weight replaced (load, .to) changes its data pointer; one updated in place bumps its version.
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in layers.parameters())
+
+
+class _PackedTower:
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self.signature = _signature(layers)
+        self.layers = [_PackedLayer.of(layer) for layer in layers]
+
+
+def _packed(vision: nn.Module) -> _PackedTower:
+    layers = vision.encoder.layers
+    packed = _CACHE.get(vision)
+    if packed is None or packed.signature != _signature(layers):
+        with torch.no_grad():
+            packed = _PackedTower(layers)
+        _CACHE[vision] = packed
+    return packed
+
+
+def _mkldnn_bf16() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def applies(vision: nn.Module, pixels: torch.Tensor) -> bool:
+    """Whether `vision` (a transformers CLIP vision model) runs on the fast path for these pixels."""
+    if os.environ.get("REWARD_PLUGINS_CPU_FAST_PATH", "1") == "0":
+        return False
+    if torch.is_grad_enabled() or pixels.device.type != "cpu" or pixels.dtype != torch.bfloat16:
+        return False
+    if getattr(vision, "_compiled_call_impl", None) is not None:  # the user compiled it: run that
+        return False
+    cfg = getattr(vision, "config", None)
+    if getattr(cfg, "hidden_act", None) not in _ACTS or not hasattr(vision, "encoder"):
+        return False
+    weight = vision.embeddings.patch_embedding.weight
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _mkldnn_bf16()
+
+
+@torch.no_grad()
+def vision_forward(vision: nn.Module, pixels: torch.Tensor, pooled: bool) -> torch.Tensor:
+    """`vision(pixel_values=pixels)`'s `pooler_output` (B, D) if `pooled`, else `last_hidden_state` (B, N, D).
+
+    Call only where `applies(vision, pixels)`.
+    """
+    packed = _packed(vision)
+    act = vision.config.hidden_act
+    h = vision.pre_layrnorm(vision.embeddings(pixels))
+    last = len(packed.layers) - 1
+    for i, layer in enumerate(packed.layers):
+        h = layer(h, act, cls_only=pooled and i == last)
+    return vision.post_layernorm(h[:, 0]) if pooled else h

@@ -1,0 +1,96 @@
+"""The bf16 CPU inference path of CLIP vision towers computes what transformers computes, to bf16 rounding."""
+
+import pytest
+import torch
+
+from reward_plugins import clip_cpu_inference
+from reward_plugins.clip_backbone import build_clip, image_embeds, image_tokens, tiny_clip_config
+from reward_plugins.rewards.pickscore import PickScore
+from reward_plugins.testing import random_images, seeded
+from reward_plugins.tokenization import tiny_clip_tokenizer
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(not clip_cpu_inference._mkldnn_bf16(), reason="this CPU has no oneDNN bf16 support"),
+]
+
+
+# Weights scaled up from init (std 0.02) so the attention and MLP change the residual stream a lot.
+MUL = 3.0
+
+
+def tiny(act: str = "gelu"):
+    with seeded(0):
+        model = build_clip(tiny_clip_config(act=act))
+    with torch.no_grad():
+        for p in model.vision_model.encoder.parameters():
+            p.mul_(MUL if p.ndim == 2 else 1.0)
+    return model.eval().requires_grad_(False)
+
+
+def pixels(n: int = 3) -> torch.Tensor:
+    with seeded(1):
+        return torch.randn(n, 3, 224, 224)
+
+
+def plain(model, px, fn):
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REWARD_PLUGINS_CPU_FAST_PATH", "0")
+        return fn(model, px)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().mean() / b.float().abs().mean())
+
+
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+@pytest.mark.parametrize("fn", [image_embeds, image_tokens])
+def test_fast_path_matches_transformers_to_bf16_rounding(act, fn):
+    model = tiny(act).bfloat16()
+    px = pixels().bfloat16()
+    ref = plain(tiny(act).bfloat16().float(), px.float(), fn)  # the same bf16 weights and pixels in fp32
+    assert clip_cpu_inference.applies(model.vision_model, px) is False  # grad mode is on here
+    with torch.no_grad():
+        assert clip_cpu_inference.applies(model.vision_model, px)
+        fast = fn(model, px)
+    hf = plain(model, px, fn)
+    assert fast.shape == hf.shape == ref.shape and fast.dtype == hf.dtype == torch.bfloat16
+    # Both are bf16 approximations of the fp32 value, off by ~1 %; the fused path is no further off.
+    err_fast, err_hf = rel(fast, ref), rel(hf, ref)
+    assert err_hf < 0.03 and err_fast < 1.5 * err_hf + 1e-3, (err_fast, err_hf)
+    # The check is sensitive: swapping keys and values in one layer moves the output far more.
+    swapped = tiny(act).bfloat16().float()
+    attn = swapped.vision_model.encoder.layers[0].self_attn
+    attn.k_proj, attn.v_proj = attn.v_proj, attn.k_proj
+    assert rel(plain(swapped, px.float(), fn), ref) > 5 * err_hf
+
+
+def test_not_used_for_fp32_or_with_gradients():
+    model = tiny()
+    px = pixels(1)
+    with torch.no_grad():
+        assert not clip_cpu_inference.applies(model.vision_model, px)  # fp32: transformers runs unchanged
+    model = model.bfloat16()
+    assert not clip_cpu_inference.applies(model.vision_model, px.bfloat16())
+
+
+def test_weights_changed_in_place_are_repacked():
+    model = tiny().bfloat16()
+    px = pixels(2).bfloat16()
+    with torch.no_grad():
+        before = image_embeds(model, px)
+        model.vision_model.encoder.layers[0].mlp.fc1.weight.mul_(-1.0)
+        after = image_embeds(model, px)
+    hf = plain(model, px, image_embeds)
+    assert rel(after, before) > 0.1 and rel(after, hf) < 0.03
+
+
+def test_pickscore_bf16_scores_follow_the_transformers_path():
+    model = tiny().bfloat16()
+    reward = PickScore(model, tiny_clip_tokenizer())
+    images, prompts = random_images(4, 96, 128, seed=2), ["a cat", "a dog", "a cat", "a red car"]
+    fast = reward.score(images, prompts).scores
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REWARD_PLUGINS_CPU_FAST_PATH", "0")
+        hf = reward.score(images, prompts).scores
+    assert torch.isfinite(fast).all() and rel(fast, hf) < 0.03
