@@ -83,6 +83,9 @@ def test_weights_changed_in_place_are_repacked():
         after = image_embeds(model, px)
     hf = plain(model, px, image_embeds)
     assert rel(after, before) > 0.1 and rel(after, hf) < 0.03
+    assert model.vision_model in clip_cpu_inference._CACHE
+    clip_cpu_inference.clear_cache()
+    assert model.vision_model not in clip_cpu_inference._CACHE
 
 
 def test_pickscore_bf16_scores_follow_the_transformers_path():
