@@ -6,6 +6,8 @@ reward-gradient losses, owned by trainers/reward_finetune.py).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -120,11 +122,12 @@ def diffusion_dpo_loss(
 # 2. Reward fine-tuning
 # ---------------------------------------------------------------------------------------------------
 
-RWR_WEIGHTINGS = ("softmax", "exp", "raw")
+RWR_WEIGHTINGS = ("softmax", "exp", "raw", "topk")
 
 
 def rwr_weights(
-    rewards: torch.Tensor, temperature: float = 1.0, mode: str = "softmax", clip: float | None = 10.0
+    rewards: torch.Tensor, temperature: float = 1.0, mode: str = "softmax", clip: float | None = 10.0,
+    top_fraction: float = 0.25,
 ) -> torch.Tensor:
     """Per-sample weights for reward-weighted denoising losses, detached.
 
@@ -135,12 +138,16 @@ def rwr_weights(
     `clip`, then divided by its mean: advantage-weighted regression (Peng et al. 2019) with the batch mean
     as the baseline. Neither batch-normalised form is Lee et al.'s; scaling them to a mean of 1 keeps the
     loss on the scale of the ordinary denoising loss, so learning rates carry over from plain fine-tuning.
+    ``topk``: reward-ranked filtering, weight ``1 / top_fraction`` on the ``ceil(top_fraction · B)`` best
+    samples of the batch and 0 on the rest (mean 1; ties broken by position), the hard-threshold limit of
+    the exponential weights.
 
     Args:
         rewards: (B,) rewards, higher is better.
         temperature: τ > 0; smaller concentrates the weight on the best samples.
-        mode: ``"raw"``, ``"softmax"`` or ``"exp"``.
+        mode: ``"raw"``, ``"softmax"``, ``"exp"`` or ``"topk"``.
         clip: upper bound on the unnormalised exponential weight (``exp`` mode; None: no clipping).
+        top_fraction: ``topk`` mode, the fraction of the batch kept, in (0, 1].
 
     Example:
         >>> rwr_weights(torch.tensor([0.0, 1.0]), temperature=1.0)
@@ -155,6 +162,13 @@ def rwr_weights(
     r = rewards.detach().float()
     if mode == "raw":
         return r.clamp(min=0)
+    if mode == "topk":
+        if not 0 < top_fraction <= 1:
+            raise ValueError(f"top_fraction must be in (0, 1]; got {top_fraction}.")
+        k = max(1, math.ceil(top_fraction * r.numel()))
+        w = torch.zeros_like(r)
+        w[torch.topk(r, k, sorted=False).indices] = r.numel() / k
+        return w
     if mode == "softmax":
         return torch.softmax(r / temperature, dim=0) * r.numel()
     w = torch.exp((r - r.mean()) / temperature)

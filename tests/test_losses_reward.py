@@ -103,3 +103,16 @@ def test_errors_teach():
         rwr_loss(x, x, r, prior_weight=1.0)
     with pytest.raises(ValueError, match="prior_weight must be >= 0"):
         rwr_loss(x, x, r, x, x, prior_weight=-1.0)
+
+
+def test_topk_weights_keep_the_best_fraction_at_mean_one():
+    r = torch.tensor([0.1, 0.9, 0.5, 0.7, 0.2, 0.3, 0.8, 0.0])
+    w = rwr_weights(r, mode="topk", top_fraction=0.25)
+    # ceil(0.25 * 8) = 2 kept: the rewards 0.9 and 0.8, each weighing 8 / 2.
+    torch.testing.assert_close(w, torch.tensor([0.0, 4.0, 0.0, 0.0, 0.0, 0.0, 4.0, 0.0]))
+    assert float(w.mean()) == pytest.approx(1.0)
+    # A fraction that does not divide the batch rounds the kept count up; 1.0 is uniform.
+    assert int((rwr_weights(r, mode="topk", top_fraction=0.3) > 0).sum()) == 3
+    torch.testing.assert_close(rwr_weights(r, mode="topk", top_fraction=1.0), torch.ones(8))
+    with pytest.raises(ValueError, match="top_fraction must be in"):
+        rwr_weights(r, mode="topk", top_fraction=0.0)

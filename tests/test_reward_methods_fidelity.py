@@ -82,3 +82,46 @@ def test_validation_measures_per_prompt_diversity(tmp_path):
                    "data.val_prompts=[a cat, a dog]")
     val = [r for r in rows if "val/reward/mean" in r]
     assert val and all(r["val/diversity/per_prompt_pixel_std"] > 0 for r in val)
+
+
+def test_rwr_guided_target_fits_the_guided_prediction_with_both_branches(tmp_path):
+    """``rwr_target: guided`` regresses ε_u + g·(ε_c − ε_u), the prediction the samples were drawn with."""
+    cfg = load_config(RewardFinetuneConfig, TINY, [
+        "method.name=rwr", "method.rwr_target=guided", "sampling.guidance_scale=3.0",
+        "train.batch_size=2", f"train.output_dir={tmp_path}", "train.report_to=none",
+    ])
+    trainer = RewardFinetuner(cfg)
+    side = trainer.resolution // trainer.adapter.vae_scale
+    latents = torch.randn(2, trainer.adapter.latent_channels, side, side)
+    cond, uncond = trainer._encode(["a cat", "a dog"])
+    pred, target, (x_in, t_in, emb), raw = trainer._denoising_pred(latents, cond, torch.Generator().manual_seed(0), uncond)
+    assert x_in.shape[0] == 4 and torch.equal(t_in[:2], t_in[2:])
+    u, c = raw.chunk(2)
+    torch.testing.assert_close(pred, u + 3.0 * (c - u))
+    assert not torch.allclose(u, c)  # the two branches see different text
+    pred.pow(2).mean().backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in trainer.params)
+    with pytest.raises(ValueError, match="method.rwr_target must be one of"):
+        check_method(MethodSection(name="rwr", rwr_target="uncond"), SamplingSection())
+
+
+def test_rwr_groups_share_a_prompt_and_timesteps_stay_in_range(tmp_path):
+    """``rwr_group_size``: G consecutive samples per prompt (weights normalised per group); ``rwr_timestep_range``
+    restricts the denoising loss's timesteps."""
+    cfg = load_config(RewardFinetuneConfig, TINY, [
+        "method.name=rwr", "method.rwr_group_size=4", "method.rwr_timestep_range=[900, 999]", "train.batch_size=8",
+        f"train.output_dir={tmp_path}", "train.report_to=none", "data.prompts=[a cat, a dog, a car, a tree, a boat]",
+    ])
+    trainer = RewardFinetuner(cfg)
+    prompts = trainer._pick_prompts(0, 0)
+    assert len(prompts) == 8 and len(set(prompts[:4])) == 1 and len(set(prompts[4:])) == 1
+    side = trainer.resolution // trainer.adapter.vae_scale
+    cond, _ = trainer._encode(prompts)
+    _, _, (_, t, _), _ = trainer._denoising_pred(torch.randn(8, trainer.adapter.latent_channels, side, side), cond,
+                                                 torch.Generator().manual_seed(0))
+    assert bool(((t >= 900) & (t <= 999)).all())
+    cfg.method.rwr_group_size = 3
+    with pytest.raises(ValueError, match="must divide train.batch_size"):
+        RewardFinetuner(cfg)
+    with pytest.raises(ValueError, match="method.rwr_timestep_range must be"):
+        check_method(MethodSection(name="rwr", rwr_timestep_range=[500, 100]), SamplingSection())

@@ -108,6 +108,7 @@ TRUNCATIONS = ("uniform", "gaussian")
 GRADIENT_METHODS = ("draft", "draft-lv", "alignprop", "refl")
 PRIOR_SOURCES = ("base", "samples")
 RWR_SAMPLES = ("policy", "base")
+RWR_TARGETS = ("conditional", "guided")
 METRICS_FILE = "metrics.jsonl"
 # Drawn into <output_dir>/curves.png at the end: the training reward per step, on the fixed validation
 # prompts, and the held-out evaluation reward.
@@ -170,6 +171,25 @@ class MethodSection:
         rwr_clip: upper bound of the exponential weight (``exp``).
         rwr_samples: where RWR's samples come from: ``policy`` (the model being trained, online) or
             ``base`` (the frozen base model, Lee et al.'s offline set).
+        rwr_target: which prediction RWR's denoising loss fits: ``conditional`` (Lee et al.: the
+            text-conditional ε_c) or ``guided``, the classifier-free-guided ε_u + g·(ε_c − ε_u) that drew
+            the samples (g = sampling.guidance_scale; both branches trained). Samples drawn at guidance g come
+            from the guided model, not from ε_c, so fitting ε_c to them can distil the guidance into it and
+            sampling with guidance on top compounds it; ``guided`` keeps the sampled model as the one fitted.
+            On the toy world it was worse, not better (uniform weights, 30 steps: held-out exact 0.188 ->
+            0.069, conditional 0.160): a change of ε_c moves the guided output g times as far. Families
+            without classifier-free guidance (FLUX) always use the conditional.
+        rwr_top_fraction: ``topk`` weighting, the fraction of each batch kept (reward-ranked filtering).
+        rwr_timestep_range: [lo, hi] in training-timestep units: RWR's denoising loss only at timesteps in
+            this range (the family's training density restricted to it; None: all). The steps that decide
+            what a reward judges may be a few: fitting own samples at every noise level also fits their
+            low-noise detail, which the weights say nothing about.
+        rwr_group_size: G >= 1 samples per prompt: each micro-batch is batch_size / G prompts drawn G times,
+            and the weights are computed (and normalised) within each prompt's group, so the baseline of
+            ``exp`` is that prompt's mean reward: advantage-weighted regression's V(s) with the prompt as the
+            state. With G = 1 the weights are normalised over the whole micro-batch of different prompts,
+            whose mean is no baseline for any one of them: rewards that differ between prompts (the learned
+            toy-world CLIP's do) then weight prompts rather than samples.
         prior_weight: RWR's unweighted prior term λ (0 disables).
         prior_source: ``base`` (fresh samples of the base model, adapter off) or ``samples`` (the same
             samples, unweighted).
@@ -194,6 +214,10 @@ class MethodSection:
     rwr_temperature: float = 1.0
     rwr_clip: float | None = 10.0
     rwr_samples: str = "policy"
+    rwr_target: str = "conditional"
+    rwr_top_fraction: float = 0.25
+    rwr_group_size: int = count(1)
+    rwr_timestep_range: list[float] | None = None
     prior_weight: float = 0.0
     prior_source: str = "base"
     anchor_weight: float = 0.0
@@ -299,6 +323,13 @@ def check_method(method: MethodSection, sampling: SamplingSection) -> None:
         raise ValueError(f"method.rwr_weighting must be one of {losses.RWR_WEIGHTINGS}; got {method.rwr_weighting!r}.")
     if not method.rwr_temperature > 0:
         raise ValueError(f"method.rwr_temperature must be > 0; got {method.rwr_temperature}.")
+    rng = method.rwr_timestep_range
+    if rng is not None and (len(rng) != 2 or not 0 <= rng[0] < rng[1]):
+        raise ValueError(f"method.rwr_timestep_range must be [lo, hi] with 0 <= lo < hi (training timesteps); got {rng}.")
+    if method.rwr_target not in RWR_TARGETS:
+        raise ValueError(f"method.rwr_target must be one of {RWR_TARGETS}; got {method.rwr_target!r}.")
+    if not 0 < method.rwr_top_fraction <= 1:
+        raise ValueError(f"method.rwr_top_fraction must be in (0, 1] (the fraction of each batch kept); got {method.rwr_top_fraction}.")
     if method.rwr_samples not in RWR_SAMPLES:
         raise ValueError(f"method.rwr_samples must be one of {RWR_SAMPLES}; got {method.rwr_samples!r}.")
     if method.prior_source not in PRIOR_SOURCES:
@@ -419,6 +450,11 @@ class RewardFinetuner:
         check_counts(config)
         check_method(config.method, config.sampling)
         check_monitor(config.monitor)
+        if config.method.name == "rwr" and config.train.batch_size % config.method.rwr_group_size:
+            raise ValueError(
+                f"method.rwr_group_size={config.method.rwr_group_size} must divide train.batch_size="
+                f"{config.train.batch_size} (each micro-batch is batch_size / G prompts, G samples each)."
+            )
         if config.method.name == "rwr" and config.train.batch_size < 2:
             # The weights are normalised over each micro-batch: with one sample every weight is 1 and RWR
             # silently becomes plain fine-tuning on its own samples.
@@ -575,8 +611,9 @@ class RewardFinetuner:
 
     def _pick_prompts(self, step: int, micro: int) -> list[str]:
         g = _generator(self.cfg.train.seed, step, self.accelerator.process_index, micro, 1)
-        idx = torch.randint(len(self.prompts), (self.cfg.train.batch_size,), generator=g)
-        return [self.prompts[i] for i in idx.tolist()]
+        group = self.cfg.method.rwr_group_size if self.cfg.method.name == "rwr" else 1
+        idx = torch.randint(len(self.prompts), (self.cfg.train.batch_size // group,), generator=g)
+        return [self.prompts[i] for i in idx.tolist() for _ in range(group)]
 
     def calibrate(self) -> dict:
         """Per-term normalisation of the training (and evaluation) reward on base-model samples."""
@@ -655,9 +692,14 @@ class RewardFinetuner:
         latents, images = self.generate(prompts, gen, base=m.rwr_samples == "base")
         with torch.no_grad():
             r = self.reward(images, prompts)
-        weights = losses.rwr_weights(r.scores, m.rwr_temperature, m.rwr_weighting, m.rwr_clip)
-        cond, _ = self._encode(prompts)
-        pred, target, base_in = self._denoising_pred(latents, cond, gen)
+        # One weighting per prompt group (rows i*G .. i*G+G-1 share a prompt; G = 1: the whole micro-batch).
+        groups = r.scores.view(-1, m.rwr_group_size) if m.rwr_group_size > 1 else r.scores.view(1, -1)
+        weights = torch.cat([losses.rwr_weights(g, m.rwr_temperature, m.rwr_weighting, m.rwr_clip, m.rwr_top_fraction)
+                             for g in groups])
+        cond, uncond = self._encode(prompts)
+        # ``guided``: fit the guided prediction the samples were drawn with (see MethodSection.rwr_target).
+        guided = uncond if (m.rwr_target == "guided" and uncond is not None and self.adapter.uses_cfg) else None
+        pred, target, base_in, raw = self._denoising_pred(latents, cond, gen, guided)
         prior_pred = prior_target = None
         if m.prior_weight > 0:
             if m.prior_source == "samples":
@@ -665,20 +707,24 @@ class RewardFinetuner:
             else:
                 g2 = _generator(self.cfg.train.seed, step, self.accelerator.process_index, micro, 3)
                 base_latents, _ = self.generate(prompts, g2, base=True)
-                prior_pred, prior_target, _ = self._denoising_pred(base_latents, cond, g2)
+                prior_pred, prior_target, _, _ = self._denoising_pred(base_latents, cond, g2, guided)
         loss = losses.rwr_loss(pred, target, weights, prior_pred, prior_target, m.prior_weight)
         stats = {"rwr/weight_max": float(weights.max())}
         if ref is not None:
             with torch.no_grad():
                 base_pred = ref(*base_in).float()
-            anchor = losses.anchor_l2(pred, base_pred)
+            anchor = losses.anchor_l2(raw, base_pred)
             loss = loss + m.anchor_weight * anchor
             stats["anchor_l2"] = float(anchor.detach())
         stats.update(self._reward_stats(r.per_dim, r.scores))
         return loss, stats, images, prompts
 
-    def _denoising_pred(self, latents, cond, gen):
-        """The UNet's prediction on q(x_t | x_0) at uniform training timesteps, and its target."""
+    def _denoising_pred(self, latents, cond, gen, uncond=None):
+        """The UNet's prediction on q(x_t | x_0) at uniform training timesteps, and its target.
+
+        With `uncond` (``method.rwr_target: guided``) the prediction is the classifier-free-guided one the
+        sampler uses, ``ε_u + g·(ε_c − ε_u)``, with gradients through both branches; the third return value
+        is the raw UNet input (doubled batch) and the second-to-last the raw output, for the anchor."""
         from diffusers.utils.torch_utils import randn_tensor
 
         # The family's training forward process, whatever the sampler: DDPM at uniform integer timesteps
@@ -686,10 +732,24 @@ class RewardFinetuner:
         ad = self.adapter
         noise = randn_tensor(latents.shape, generator=gen, device=latents.device, dtype=torch.float32)
         t = ad.sample_timesteps(latents.shape[0], gen, device=latents.device)
+        rng = self.cfg.method.rwr_timestep_range if self.cfg.method.name == "rwr" else None
+        if rng is not None:  # the family's density restricted to [lo, hi], by rejection
+            for _ in range(10_000):
+                bad = (t < rng[0]) | (t > rng[1])
+                if not bool(bad.any()):
+                    break
+                t[bad] = ad.sample_timesteps(int(bad.sum()), gen, device=latents.device)
+            else:
+                raise ValueError(f"method.rwr_timestep_range={rng} holds (almost) none of the family's training timesteps.")
         x = ad.add_noise(latents.float(), noise, t).to(self.model.dtype)
-        pred = ad.unet(x, t, cond, unet=self.unet).float()  # the prepared module: DDP/FSDP reduce its gradients
         target = ad.target(latents.float(), noise, t)
-        return pred, target, (x, t, cond)
+        if uncond is None:
+            pred = ad.unet(x, t, cond, unet=self.unet).float()  # the prepared module: DDP/FSDP reduce its gradients
+            return pred, target, (x, t, cond), pred
+        x_in, t_in, emb = torch.cat([x, x]), torch.cat([t, t]), uncond.cat(cond)
+        raw = ad.unet(x_in, t_in, emb, unet=self.unet).float()
+        u, c = raw.chunk(2)
+        return u + self.cfg.sampling.guidance_scale * (c - u), target, (x_in, t_in, emb), raw
 
     def _train_prefix(self) -> str:
         return "x0/" if self.cfg.method.name == "refl" else ""
