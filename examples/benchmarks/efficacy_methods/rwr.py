@@ -20,10 +20,11 @@ def rwr(ctx: Context) -> dict:
     #   baseline (`rwr_group_size=4`, 4 captions x 4 samples) does not help: exp tau 1 0.125; best-of-4 per
     #   caption (`rwr_weighting="topk"`, 0.25) 0.146, the same restricted to the noise levels that decide the
     #   attributes (`rwr_timestep_range=[400, 999]`) 0.153 — while best-of-4 selection itself scores 0.389.
-    # - In every variant the learned reward of the validation captions' final images falls (8.26 -> ~7.3 in
-    #   30 steps), whatever the weights: fitting the model's own 10-step samples degrades it by about as much
-    #   as 120-480 reward-selected samples can teach it, and 30 steps teach it nothing measurable (every
-    #   dimension within 1-2 standard errors of the base). Lee et al.'s pre-training term on real data is not
-    #   available to this trainer; its base-sample stand-in (prior_weight 1) did not help either.
+    # - In every variant the learned reward of the held-out images falls too (8.52 -> 8.32 at best, 6.23 at
+    #   worst), whatever the weights, consistent with fitting the model's own 10-step samples costing as much as 120-480
+    #   reward-selected samples teach it, and 30 steps teach it nothing measurable (the conditional variants'
+    #   dimensions are within 1-2 standard errors of the base). Lee et al.'s pre-training term on real data is
+    #   not available to this trainer; its base-sample stand-in (prior_weight 1) did not help either. Not run
+    #   (CPU): longer group/top-k runs, and offline samples of the frozen base (`rwr_samples="base"`).
     return reward_finetune(ctx, "rwr", "toyworld-clip", steps=30, lr=5e-4, batch=16, rwr_weighting="exp",
                            rwr_temperature=2.0)
