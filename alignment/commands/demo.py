@@ -242,7 +242,7 @@ def run_toyworld_training(args: argparse.Namespace) -> int:
     train_dir = out / "train"  # the demo's own run dir: a rerun starts it afresh
     shutil.rmtree(train_dir, ignore_errors=True)
     t_train = time.perf_counter()
-    print(f"training ({args.train_steps} steps; on 1 CPU thread roughly 3 s a step) ...", flush=True)
+    print(f"training ({args.train_steps} steps, about 3 CPU seconds each on one thread) ...", flush=True)
     torch.manual_seed(args.seed)
     with _quiet_loading_bars():
         trainer = RewardFinetuner(_train_config(args.train, args.train_steps, args.seed, steps, guidance, train_dir),
