@@ -301,3 +301,15 @@ def test_benchmark_tiny_runs(capsys):
     assert "ours / naive: throughput x" in out and "command: python" in out
     diff = float(out.split("last-step loss difference ours vs naive: ")[1].split()[0])
     assert diff < 1e-5
+
+
+def test_timestep_range_draws_only_there_and_is_checked(tmp_path, pairs):
+    trainer = DPOTrainer(cfg_for(pairs, "dpo.timestep_range=[0.3, 1.0]"), output_dir=tmp_path / "r")
+    t = trainer._timesteps(4096, torch.Generator().manual_seed(0))
+    n = trainer.adapter.num_train_timesteps
+    assert int(t.min()) >= round(0.3 * n) and int(t.max()) == n - 1 and int(t.min()) < round(0.31 * n)
+    full = DPOTrainer(cfg_for(pairs), output_dir=tmp_path / "f")._timesteps(4096, torch.Generator().manual_seed(0))
+    assert int(full.min()) < round(0.01 * n)  # without it: the family's distribution over all of [0, T)
+    for bad in ("[0.5, 0.2]", "[0.1]", "[-0.1, 1.0]", "[0.0, 1.5]"):
+        with pytest.raises(ValueError, match=r"dpo.timestep_range must be \[lo, hi\]"):
+            check_config(cfg_for(pairs, f"dpo.timestep_range={bad}"))

@@ -154,11 +154,17 @@ class DPOSection:
         vae_sample: encode images with a sample of the VAE posterior (the paper and diffusers' example);
             False uses the posterior mean. Trained VAEs have a near-zero posterior std so this barely
             matters for them; random tiny VAEs have std ~1, which would drown the pair's difference.
+        timestep_range: ``[lo, hi]``, fractions of the training timesteps: draw each pair's t uniformly from
+            ``[lo·T, hi·T)`` instead of all of ``[0, T)`` (the paper and the official code). Uniform t spends
+            most of the loss on low noise, where the denoising error is largest and winner and loser differ
+            in detail; colour, layout and shape are set at high noise. DDPM-family models (SD, SDXL) only:
+            flow models choose their σ density with ``model.weighting_scheme``. None: all timesteps.
     """
 
     beta: float = 5000.0
     loss_type: str = "sigmoid"
     vae_sample: bool = True
+    timestep_range: list[float] | None = None
 
 
 @dataclass
@@ -237,6 +243,11 @@ def check_config(cfg: DPOConfig, need_pipeline: bool = True) -> None:
         raise ValueError(f"dpo.loss_type must be one of {DPO_LOSS_TYPES}; got {cfg.dpo.loss_type!r}.")
     if not cfg.dpo.beta > 0:
         raise ValueError(f"dpo.beta must be > 0 (the paper uses 2000-5000); got {cfg.dpo.beta}.")
+    tr = cfg.dpo.timestep_range
+    if tr is not None and not (isinstance(tr, (list, tuple)) and len(tr) == 2 and all(isinstance(v, (int, float)) for v in tr)
+                               and 0 <= tr[0] < tr[1] <= 1):
+        raise ValueError(f"dpo.timestep_range must be [lo, hi] with 0 <= lo < hi <= 1 (fractions of the training "
+                         f"timesteps, e.g. [0.3, 1.0]) or null; got {tr!r}.")
     if cfg.data.ties not in ("skip", "error"):
         raise ValueError(f"data.ties must be 'skip' or 'error'; got {cfg.data.ties!r}.")
     if cfg.data.validate not in VALIDATE_MODES:
@@ -362,6 +373,9 @@ class DPOTrainer:
         if self.weight_dtype == torch.float16 and self.pipe.vae.dtype != torch.float32:
             self.pipe.vae.to(dtype=torch.float32)
         self.resolution = self._resolution()
+        if cfg.dpo.timestep_range is not None and self.adapter.is_flow:
+            raise ValueError("dpo.timestep_range applies to DDPM-family models (SD, SDXL); flow models choose their "
+                             "sigma density with model.weighting_scheme. Remove dpo.timestep_range.")
 
         unet = self.adapter.denoiser  # the UNet, or the transformer of flow models
         if cfg.lora.enabled:
@@ -461,6 +475,15 @@ class DPOTrainer:
 
     # -- the step ------------------------------------------------------------------------------------
 
+    def _timesteps(self, b: int, generator: torch.Generator) -> torch.Tensor:
+        """One training timestep per pair: the family's distribution, or uniform in `dpo.timestep_range`."""
+        ad, tr = self.adapter, self.cfg.dpo.timestep_range
+        if tr is None:
+            return ad.sample_timesteps(b, generator, device=self.accelerator.device)
+        n = ad.num_train_timesteps
+        lo, hi = int(round(tr[0] * n)), max(int(round(tr[1] * n)), int(round(tr[0] * n)) + 1)
+        return torch.randint(lo, hi, (b,), generator=generator).to(self.accelerator.device)
+
     def augment(self, batch: dict, generator: torch.Generator) -> dict:
         """Caption dropout and horizontal flips of a micro-batch as `data.caption_dropout` / `data.hflip` say.
 
@@ -501,7 +524,7 @@ class DPOTrainer:
             latents = latents.float()
             noise = torch.randn(latents[:b].shape, generator=generator, dtype=torch.float32).to(dev)
             # the family's training distribution: uniform DDPM steps, or σ from the flow scripts' density
-            t = ad.sample_timesteps(b, generator, device=dev)
+            t = self._timesteps(b, generator)
             noise, t = torch.cat([noise, noise]), torch.cat([t, t])  # one noise and one timestep (σ) per pair
             noisy = ad.add_noise(latents, noise, t)
             target = ad.target(latents, noise, t)

@@ -9,10 +9,19 @@ from reward_plugins import create_reward
 
 from .registry import Context, common_train, method
 
+# β per loss type, chosen so that each loss stops pushing a pair at the same separation of denoising
+# errors. Sigmoid's weight σ(−logits) is ~0.02 at logits 4, i.e. (β/2)·Δ = 4 with Δ the pair's error-gap
+# difference against the reference: Δ = 1.6e-3 at β = 5000. Hinge stops at logits 1 (relu(1 − logits)) and
+# IPO's optimum is logits ½, both whatever β: at β = 5000 they stop at Δ = 4e-4 and 2e-4, 4 and 8 times
+# sooner than sigmoid (their first rows barely moved). The same Δ = 1.6e-3 needs β = 1250 (hinge) and
+# β = 625 (IPO).
+BETA = {"sigmoid": 5000.0, "hinge": 1250.0, "ipo": 625.0}
+
 
 def mined_pairs(ctx: Context, reward: str = "toyworld-clip", n: int = 6, pairs_per_prompt: int = 3) -> Path:
     """Pairs mined once per work dir with the base model on the training captions (resumable): `n` images
-    per caption, its `pairs_per_prompt` widest-gap pairs."""
+    per caption, its `pairs_per_prompt` widest-gap pairs. (Mining is inside the method's CPU time only on
+    the run that mines; a later run in the same --out reuses the cache.)"""
     from alignment.pairs import mine_pairs
 
     out = ctx.workdir / ("pairs" if (n, pairs_per_prompt) == (6, 3) else f"pairs-n{n}-k{pairs_per_prompt}")
@@ -22,28 +31,35 @@ def mined_pairs(ctx: Context, reward: str = "toyworld-clip", n: int = 6, pairs_p
     return out
 
 
-def dpo(ctx: Context, loss_type: str, online: bool = False, steps: int = 200, beta: float = 5000.0,
-        lr: float = 5e-4, pair_images: int = 6, pairs_per_prompt: int = 3) -> dict:
-    # beta = 500 with lr 2e-3 (first run) let the policy drift: its denoising MSE doubled against the
-    # reference while the implicit accuracy rose, and held-out colour/shape accuracy fell (0.42 -> 0.34,
-    # 0.58 -> 0.42). beta = 5000 (the paper's range) keeps it near the reference. Sigmoid, offline, held-out
-    # exact overall from 0.188: 60 steps 0.208, 200 steps 0.271, 400 steps 0.243 (216 pairs overfit: train
-    # implicit accuracy 0.83); 12 images / 6 pairs per caption, 300 steps 0.215; beta 2000, lr 1e-3,
-    # 150 steps 0.153 (drift). Online: 60 steps 0.201, 200 steps 0.194.
+def dpo(ctx: Context, loss_type: str, online: bool = False, steps: int = 200, beta: float | None = None,
+        lr: float = 5e-4, pair_images: int = 6, pairs_per_prompt: int = 3, batch: int = 8,
+        timestep_range: list[float] | None = None, rounds: int = 2, caption_dropout: float = 0.0) -> dict:
+    # Measured (sigmoid, offline, held-out exact overall from 0.188; README "DPO and RWR, second pass"):
+    # beta 5000, lr 5e-4: 60 steps 0.208, 200 steps 0.271 (colour 0.50, shape 0.55, position 0.67), 400 steps
+    # 0.243; 12 images / 6 pairs per caption, 300 steps 0.215; beta 2000, lr 1e-3, 150 steps 0.153; beta 500,
+    # lr 2e-3 drifted (colour 0.34, shape 0.42). Third pass: 16 images / 16 pairs per caption (1152 pairs),
+    # 400 steps 0.222 (shape 0.55); 16 images / 3 pairs, t in [0.3, 1) 0.188; 6 images / 3 pairs, t in
+    # [0.3, 1) 0.236. Shape never rose: the learned reward's pairs carry little shape signal (winner minus
+    # loser exact shape accuracy +0.10..+0.14 in every selection rule tried, against +0.4..+0.6 for colour).
     from alignment.trainers.dpo import DataSection, DPOConfig, DPOSection, OnlineSection, train_dpo
 
     name = f"dpo-{loss_type}-{'online' if online else 'offline'}"
-    model, lora, train = common_train(ctx, name, steps, lr, 8)
-    cfg = DPOConfig(model=model, lora=lora, train=train, dpo=DPOSection(beta=beta, loss_type=loss_type, vae_sample=False))
+    model, lora, train = common_train(ctx, name, steps, lr, batch)
+    beta = BETA[loss_type] if beta is None else beta
+    cfg = DPOConfig(model=model, lora=lora, train=train, dpo=DPOSection(
+        beta=beta, loss_type=loss_type, vae_sample=False, timestep_range=timestep_range))
+    cfg.data.caption_dropout = caption_dropout  # online rounds read their pairs with these data settings too
     if online:
-        cfg.online = OnlineSection(enabled=True, prompts=world.train_prompts()[::3], reward="toyworld-clip",
-                                   images_per_prompt=4, steps_per_round=max(1, ctx.budget(steps) // 3),
+        # Every training caption each round, mined with the current policy (round 0 is the base model's).
+        cfg.online = OnlineSection(enabled=True, prompts=world.train_prompts(), reward="toyworld-clip",
+                                   images_per_prompt=pair_images, steps_per_round=max(1, -(-ctx.budget(steps) // rounds)),
                                    mine_kwargs={"num_inference_steps": ctx.steps, "guidance_scale": ctx.guidance,
-                                                "pairs_per_prompt": 2, "batch_size": 48})
-        samples = 24 * 4 * 3
+                                                "pairs_per_prompt": pairs_per_prompt, "batch_size": 48})
+        samples = len(world.train_prompts()) * pair_images * rounds
     else:
-        cfg.data = DataSection(path=str(mined_pairs(ctx, n=pair_images, pairs_per_prompt=pairs_per_prompt)))
-        samples = 72 * pair_images
+        cfg.data = DataSection(path=str(mined_pairs(ctx, n=pair_images, pairs_per_prompt=pairs_per_prompt)),
+                               caption_dropout=caption_dropout)
+        samples = len(world.train_prompts()) * pair_images
     train_dpo(cfg, pipe=ctx.pipe)
     return {"pipe": ctx.pipe, "samples": samples}
 
@@ -51,5 +67,5 @@ def dpo(ctx: Context, loss_type: str, online: bool = False, steps: int = 200, be
 for _lt in ("sigmoid", "hinge", "ipo"):
     method(f"dpo-{_lt}-offline", "toyworld-clip", f"Diffusion-DPO ({_lt}) on pairs mined once by the learned reward")(
         lambda ctx, _lt=_lt: dpo(ctx, _lt))
-    method(f"dpo-{_lt}-online", "toyworld-clip", f"online Diffusion-DPO ({_lt}): 3 rounds of mining + training")(
-        lambda ctx, _lt=_lt: dpo(ctx, _lt, online=True, steps=60))
+    method(f"dpo-{_lt}-online", "toyworld-clip", f"online Diffusion-DPO ({_lt}): 2 rounds of mining + training")(
+        lambda ctx, _lt=_lt: dpo(ctx, _lt, online=True))
