@@ -39,8 +39,13 @@ def dpo(ctx: Context, loss_type: str, online: bool = False, steps: int = 200, be
     # 0.243; 12 images / 6 pairs per caption, 300 steps 0.215; beta 2000, lr 1e-3, 150 steps 0.153; beta 500,
     # lr 2e-3 drifted (colour 0.34, shape 0.42). Third pass: 16 images / 16 pairs per caption (1152 pairs),
     # 400 steps 0.222 (shape 0.55); 16 images / 3 pairs, t in [0.3, 1) 0.188; 6 images / 3 pairs, t in
-    # [0.3, 1) 0.236. Shape never rose: the learned reward's pairs carry little shape signal (winner minus
-    # loser exact shape accuracy +0.10..+0.14 in every selection rule tried, against +0.4..+0.6 for colour).
+    # [0.3, 1) 0.236; batch 32, 1152 pairs, 150 steps 0.146; caption dropout 0.2, 200 steps 0.215. Shape never
+    # rose: the learned reward's pairs carry little shape signal (winner minus loser exact shape accuracy
+    # +0.09..+0.17 in every selection rule tried, against +0.36..+0.59 for colour). These entries
+    # (`efficacy.py --out outputs/eff_dpo/final --bon-slots 4 --threads 1 --force`, CPU s with mining):
+    # sigmoid offline 0.188 -> 0.271 (colour 0.50, shape 0.55, position 0.67; 102 s); hinge offline (beta
+    # 1250) 0.208 (0.49, 0.52, 0.72; 77 s); IPO offline (beta 625) 0.271 (0.51, 0.55, 0.67; 72 s; at beta
+    # 5000 it was 0.201); sigmoid online, 2 rounds 0.222 (0.49, 0.53, 0.65; 134 s). None reaches +10 points.
     from alignment.trainers.dpo import DataSection, DPOConfig, DPOSection, OnlineSection, train_dpo
 
     name = f"dpo-{loss_type}-{'online' if online else 'offline'}"
