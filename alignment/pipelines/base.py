@@ -362,7 +362,13 @@ class PipelineAdapter:
         if cls.lora_convert_keys:
             from diffusers.utils import convert_state_dict_to_diffusers
 
-            state = convert_state_dict_to_diffusers(state)
+            converted = convert_state_dict_to_diffusers(state)
+            # diffusers' peft -> diffusers map knows only the attention projections (to_q/k/v/out.0): with
+            # other targets (proj_in, proj_out, ff) the result mixes both key formats, and the loaders,
+            # which pick the format from the first key, then silently load only part of the adapter.
+            # A mixed result is written in peft's format instead, which every diffusers loader reads whole.
+            if not any(".lora_A." in k or ".lora_B." in k for k in converted):
+                state = converted
         kw = {cls.lora_layers_kwarg: state, cls.lora_layers_kwarg.replace("_layers", "_adapter_metadata"): metadata}
         pipeline_class.save_lora_weights(out_dir, weight_name=weight_name, **kw)
 
