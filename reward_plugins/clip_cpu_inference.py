@@ -17,7 +17,7 @@ bit-identical to `F.linear`'s on the same inputs. It is used only where it helps
 bf16 rounding: CPU, bf16 weights and input, gradients off, tower not compiled, "gelu"/"quick_gelu".
 Everywhere else (fp32, CUDA, training through the reward) the transformers modules run unchanged.
 The packed weights are a second copy of the tower's matmul weights (+1.2 GB for ViT-H/14 in bf16), made on
-the first bf16 CPU scoring call (~1 s) and freed with the model or by `clear_cache()`.
+the first bf16 CPU scoring call (a few seconds for ViT-H on this CPU) and freed with the model or by `clear_cache()`.
 Set ``REWARD_PLUGINS_CPU_FAST_PATH=0`` to turn it off.
 """
 
