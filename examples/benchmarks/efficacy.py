@@ -69,6 +69,13 @@ def meets_target(before: dict, after: dict) -> bool:
     return min(after[d] - before[d] for d in DIMS) >= TARGET_GAIN - 1e-9
 
 
+def meets_overall(before: dict, after: dict) -> bool:
+    """+`TARGET_GAIN` or more on overall accuracy (all three attributes right): the issue's literal bar.
+    The table shows it beside the stricter every-dimension bar, which a base already near the ceiling on
+    one dimension (the flow twin's position: 0.87) cannot meet however well the method works."""
+    return after["overall"] - before["overall"] >= TARGET_GAIN - 1e-9
+
+
 def run_method(spec: MethodSpec, base: dict, args, workdir: Path) -> Row:
     torch.manual_seed(args.seed)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -108,13 +115,14 @@ def base_results(state: dict, name: str, args, results_path: Path) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     lines = ["| method | reward trained on | training reward before -> after | exact overall before -> after "
-             "| color | shape | position | samples | wall s | CPU s | +10 pts |", "|" + "---|" * 11]
+             "| color | shape | position | samples | wall s | CPU s | +10 overall | +10 every dim |", "|" + "---|" * 12]
     for r in rows:
         eb, ea = r["exact_before"], r["exact_after"]
         dims = " | ".join(f"{eb[d]:.2f} -> {ea[d]:.2f}" for d in ("color", "shape", "position"))
         lines.append(f"| {r['method']} | {r['reward']} | {r['reward_before']:.3f} -> {r['reward_after']:.3f} | "
                      f"{eb['overall']:.3f} -> {ea['overall']:.3f} | {dims} | {r['samples']} | {r['wall_s']:.0f} | "
-                     f"{r.get('cpu_s', float('nan')):.0f} | {'yes' if meets_target(eb, ea) else 'NO'} |")
+                     f"{r.get('cpu_s', float('nan')):.0f} | {'yes' if meets_overall(eb, ea) else 'NO'} | "
+                     f"{'yes' if meets_target(eb, ea) else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -195,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r["method"] for r in rows if not meets_target(r["exact_before"], r["exact_after"])
               and r["method"] != "best-of-1" and targeting_verdict(r) is None]
     if failed:
-        print(f"below +{TARGET_GAIN * 100:.0f} points of held-out exact accuracy: {', '.join(failed)}")
+        print(f"below +{TARGET_GAIN * 100:.0f} points of held-out exact accuracy on some dimension: {', '.join(failed)}")
     missed = [r["method"] for r in rows if (v := targeting_verdict(r)) is not None and not v["passed"]]
     if missed:
         print(f"targeting rows that miss their check (see the targeting table): {', '.join(missed)}")
