@@ -45,7 +45,8 @@ def dpo(ctx: Context, loss_type: str, online: bool = False, steps: int = 200, be
     # (`efficacy.py --out outputs/eff_dpo/final --bon-slots 4 --threads 1 --force`, CPU s with mining):
     # sigmoid offline 0.188 -> 0.271 (colour 0.50, shape 0.55, position 0.67; 102 s); hinge offline (beta
     # 1250) 0.208 (0.49, 0.52, 0.72; 77 s); IPO offline (beta 625) 0.271 (0.51, 0.55, 0.67; 72 s; at beta
-    # 5000 it was 0.201); sigmoid online, 2 rounds 0.222 (0.49, 0.53, 0.65; 134 s). None reaches +10 points.
+    # 5000 it was 0.201); online, 2 rounds: sigmoid 0.222 (0.49, 0.53, 0.65; 134 s), hinge 0.201 (0.47, 0.53,
+    # 0.70; 127 s), IPO 0.229 (0.49, 0.53, 0.67; 123 s). None reaches +10 points.
     from alignment.trainers.dpo import DataSection, DPOConfig, DPOSection, OnlineSection, train_dpo
 
     name = f"dpo-{loss_type}-{'online' if online else 'offline'}"
