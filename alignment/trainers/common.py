@@ -588,6 +588,21 @@ def _fsdp_on_cpu(accelerator, plugin) -> None:
     accelerator.state.fsdp_plugin = plugin  # this run's (a second trainer in the process gets its own)
 
 
+def check_fsdp_sections(train: TrainSection, lora: LoraSection) -> None:
+    """What every trainer needs under ``train.distributed: fsdp``: a LoRA (the export and the reference
+    copy assume one) and no EMA (its average would be sharded and checkpointed by one process).
+
+    Raises:
+        ValueError: naming the setting to change.
+    """
+    if train.ema_decay:
+        raise ValueError("train.ema_decay with train.distributed=fsdp is not supported (the average would be "
+                         "sharded and checkpointed by one process); set train.ema_decay=0.")
+    if not lora.enabled:
+        raise ValueError("train.distributed=fsdp trains a LoRA (lora.enabled=true); full fine-tuning under FSDP "
+                         "is not supported by the trainers' reference copy and export.")
+
+
 def is_sharded(accelerator) -> bool:
     """True when the denoiser is (to be) sharded with FSDP: every process must then make the same denoiser
     calls (each call all-gathers the blocks' parameters), and state leaves the model only through collectives."""

@@ -47,6 +47,7 @@ from alignment.trainers.common import (
     add_lora,
     build_adapter,
     build_pipeline,
+    check_fsdp_sections,
     check_guidance_settings,
     check_sections,
     disabled_adapter,
@@ -313,12 +314,7 @@ def check_sharding(cfg: DPOConfig) -> None:
     Raises:
         ValueError: an EMA, full fine-tuning or online mining (its prompts split unevenly) under FSDP.
     """
-    if cfg.train.ema_decay:
-        raise ValueError("train.ema_decay with train.distributed=fsdp is not supported (the average would be sharded "
-                         "and checkpointed by one process); set train.ema_decay=0.")
-    if not cfg.lora.enabled:
-        raise ValueError("train.distributed=fsdp trains a LoRA (lora.enabled=true); full fine-tuning under FSDP is not "
-                         "supported by this trainer's reference copy and export.")
+    check_fsdp_sections(cfg.train, cfg.lora)
     if cfg.online.enabled:
         raise ValueError("online.enabled with train.distributed=fsdp is not supported (pair mining splits prompts "
                          "unevenly over processes, and each sampling call is a collective); mine pairs first.")

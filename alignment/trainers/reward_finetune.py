@@ -78,6 +78,7 @@ from .common import (
     add_lora,
     build_adapter,
     build_pipeline,
+    check_fsdp_sections,
     check_guidance_settings,
     check_sections,
     disabled_adapter,
@@ -549,12 +550,7 @@ class RewardFinetuner:
                 f"must split evenly over the {world} processes (each sampling call is a collective); add prompts or "
                 "images per prompt."
             )
-        if config.train.ema_decay:
-            raise ValueError("train.ema_decay with train.distributed=fsdp is not supported (the average would be "
-                             "sharded and checkpointed by one process); set train.ema_decay=0.")
-        if not config.lora.enabled:
-            raise ValueError("train.distributed=fsdp trains a LoRA (lora.enabled=true); full fine-tuning under FSDP "
-                             "is not supported by this trainer's export.")
+        check_fsdp_sections(config.train, config.lora)
 
     def _check_differentiable(self, reward: CompositeReward, what: str) -> None:
         if self.cfg.method.name not in GRADIENT_METHODS:
