@@ -10,7 +10,13 @@ activations. This path runs the same encoder layers with
 - the exact (erf) GELU and the residual additions fused into the matmul epilogues (applied to the fp32
   accumulator, so one bf16 rounding fewer than the plain path per fused op);
 - for pooled embeddings, only the CLS token computed in the last layer (its keys and values still see
-  every token): the rest of the last layer's output is never read by `pooler_output`.
+  every token): the rest of the last layer's output is never read by `pooler_output`;
+- the batch run through the tower a few images at a time (`CHUNK_TOKENS` tokens, 4 images of 257 for
+  ViT-H/14): images never interact, so the result is bit-identical to the whole batch, and every
+  activation stays ~10 MB instead of 42 MB (ViT-H's MLP at batch 16). glibc serves blocks that size from
+  its heap once freed instead of mapping fresh pages, so the ~26,000 page faults (~110 MB zeroed by the
+  kernel) per layer of the whole-batch path disappear, and the working set stays in cache. Measured on one
+  ViT-H layer at batch 16 (1 thread): 1.00 s -> 0.95 s of CPU time, page faults 25,669 -> 0.
 
 Same math as transformers' `CLIPEncoderLayer` (pre-LN attention with SDPA, pre-LN MLP); the matmuls are
 bit-identical to `F.linear`'s on the same inputs. It is used only where it helps and is exact to the
@@ -32,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 _ACTS = ("gelu", "quick_gelu")
+# Tokens per chunk of images: 4 ViT-H/14 images (257 tokens each); their MLP activation is 10.5 MB.
+CHUNK_TOKENS = 1028
 _CACHE: weakref.WeakKeyDictionary[nn.Module, _PackedTower] = weakref.WeakKeyDictionary()
 
 
@@ -90,6 +98,8 @@ class _PackedLayer:
         x = h.reshape(b * s, d)
         y = F.layer_norm(x, (d,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
         k, v = _linear(y, self.kv, self.kv_bias).view(b, s, 2, self.heads, hd).transpose(1, 3).unbind(2)
+        # SDPA's CPU flash kernel reads keys and values ~8 % faster head-major; the copy of a chunk is in cache.
+        k, v = k.contiguous(), v.contiguous()
         if cls_only:  # only token 0 is read after the last layer; it still attends to every token
             y, x, s = y.view(b, s, d)[:, 0], x.view(b, s, d)[:, 0].contiguous(), 1
         q = _linear(y, self.q, self.q_bias).view(b, s, self.heads, hd).transpose(1, 2)
@@ -159,6 +169,12 @@ def vision_forward(vision: nn.Module, pixels: torch.Tensor, pooled: bool) -> tor
     Call only where `applies(vision, pixels)`.
     """
     packed = _packed(vision)
+    tokens = (pixels.shape[-1] // vision.config.patch_size) * (pixels.shape[-2] // vision.config.patch_size) + 1
+    per_chunk = max(1, CHUNK_TOKENS // tokens)  # images never interact: chunks give the same bits
+    return torch.cat([_forward(vision, packed, px, pooled) for px in pixels.split(per_chunk)])
+
+
+def _forward(vision: nn.Module, packed: _PackedTower, pixels: torch.Tensor, pooled: bool) -> torch.Tensor:
     act = vision.config.hidden_act
     h = vision.pre_layrnorm(vision.embeddings(pixels))
     last = len(packed.layers) - 1

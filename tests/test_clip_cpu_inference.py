@@ -97,3 +97,18 @@ def test_pickscore_bf16_scores_follow_the_transformers_path():
         mp.setenv("REWARD_PLUGINS_CPU_FAST_PATH", "0")
         hf = reward.score(images, prompts).scores
     assert torch.isfinite(fast).all() and rel(fast, hf) < 0.03
+
+
+@pytest.mark.parametrize("fn", [image_embeds, image_tokens])
+def test_the_batch_runs_in_chunks_of_images_with_the_same_result(fn, monkeypatch):
+    model = tiny().bfloat16()
+    px = pixels(5).bfloat16()  # the tiny tower has 50 tokens per image
+    with torch.no_grad():
+        whole = fn(model, px)
+        monkeypatch.setattr(clip_cpu_inference, "CHUNK_TOKENS", 100)  # 2 images per chunk: 2 + 2 + 1
+        calls = []
+        forward = clip_cpu_inference._forward
+        monkeypatch.setattr(clip_cpu_inference, "_forward", lambda *a: calls.append(a[2].shape[0]) or forward(*a))
+        chunked = fn(model, px)
+    assert calls == [2, 2, 1]
+    assert chunked.shape == whole.shape and torch.equal(chunked, whole)
