@@ -31,6 +31,34 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
+def guided_denoising_error(mse_cond: torch.Tensor, mse_uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """The denoising-error proxy of the classifier-free-guided sampler's log-density: ``w·mse_c − (w − 1)·mse_u``.
+
+    A CFG sampler at scale w follows the score ``w·∇log p(x|c) − (w − 1)·∇log p(x)``, the score of the
+    product ``p(x|c)^w · p(x)^(1−w)``. Diffusion-DPO stands in ``−mse`` (times a constant) for each
+    log-likelihood, so the same product's log-ratio against the reference is ``−(w·Δmse_c − (w − 1)·Δmse_u)``:
+    passing this for the model and for the reference to `diffusion_dpo_loss` makes the implicit reward the
+    one of the sampler that drew the pairs and is evaluated. A change shared by both branches counts once
+    (as the sampler sees it, where ``w − (w − 1) = 1``); a change of the caption's effect ``ε_c − ε_u`` counts
+    w times. ``w = 1`` is the conditional error itself (the paper's loss).
+
+    Args:
+        mse_cond: (B,) per-sample error of the prediction with the caption.
+        mse_uncond: (B,) the same latents, noise and timesteps with the empty caption.
+        guidance_scale: w >= 1, the scale the model is sampled with.
+
+    Example:
+        >>> guided_denoising_error(torch.tensor([0.2]), torch.tensor([0.3]), 7.0)   # 7·0.2 − 6·0.3
+        tensor([-0.4000])
+    """
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 1:
+        raise ValueError(f"guidance_scale must be a number >= 1 (the CFG scale the model is sampled with); got {guidance_scale!r}.")
+    if mse_cond.shape != mse_uncond.shape or mse_cond.ndim != 1:
+        raise ValueError(f"mse_cond and mse_uncond must be (B,) tensors of one shape; got {tuple(mse_cond.shape)} "
+                         f"and {tuple(mse_uncond.shape)}.")
+    return guidance_scale * mse_cond.float() - (guidance_scale - 1.0) * mse_uncond.float()
+
+
 def diffusion_dpo_loss(
     model_w: torch.Tensor,
     model_l: torch.Tensor,

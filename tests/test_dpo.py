@@ -313,3 +313,63 @@ def test_timestep_range_draws_only_there_and_is_checked(tmp_path, pairs):
     for bad in ("[0.5, 0.2]", "[0.1]", "[-0.1, 1.0]", "[0.0, 1.5]"):
         with pytest.raises(ValueError, match=r"dpo.timestep_range must be \[lo, hi\]"):
             check_config(cfg_for(pairs, f"dpo.timestep_range={bad}"))
+
+
+def test_guided_dpo_trains_the_cfg_samplers_preference(tmp_path, pairs):
+    """dpo.guidance_scale: w = 1 is the paper's loss; w = 7 combines the conditional and empty-caption errors of
+    one batched forward as 7·mse_c − 6·mse_u, checked against two separate predictions; bad values refused."""
+    from alignment.losses import diffusion_dpo_loss, per_sample_mse
+    from alignment.trainers.common import disabled_adapter
+    from alignment.trainers.dpo_data import collate_pairs
+
+    trainer = DPOTrainer(cfg_for(pairs, "train.max_steps=4", "train.lr=1e-2"), output_dir=tmp_path)
+    trainer.train()  # a LoRA that is not zero, so policy and reference differ
+    inner = unwrap(trainer.model)
+    ds = trainer._dataset(trainer.source, trainer.index)
+    batch = collate_pairs([ds[i] for i in range(4)])
+    calls = []
+    unet = trainer.adapter.unet
+
+    def spy(latents, t, cond, unet=None):
+        calls.append((latents, t, cond.embeds))
+        return type(trainer.adapter).unet(trainer.adapter, latents, t, cond, unet=unet)
+
+    def loss(w):
+        trainer.cfg.dpo.guidance_scale = w
+        calls.clear()
+        return trainer.pair_losses(batch, torch.Generator().manual_seed(3), model=inner, augment=False)
+
+    paper, _ = loss(None)
+    assert torch.allclose(loss(1.0)[0], paper, atol=1e-6)
+    trainer.adapter.unet = spy
+    try:
+        guided, metrics = loss(7.0)
+    finally:
+        trainer.adapter.unet = unet
+    latents, t, embeds = calls[0]  # the policy's forward over [caption w, l; empty w, l]
+    assert latents.shape[0] == 16 and torch.equal(latents[:8], latents[8:]) and torch.equal(t[:8], t[8:])
+    assert torch.equal(embeds[8:], trainer.adapter.encode_prompts([""] * 8).embeds)
+    assert not torch.equal(guided, paper) and {"model_mse_uncond", "ref_mse_uncond"} <= set(metrics)
+    # The same number from separate conditional and unconditional predictions (targets: the trainer's own).
+    gen = torch.Generator().manual_seed(3)
+    lat = trainer.adapter.encode_images(torch.cat([batch["pixel_w"], batch["pixel_l"]]), generator=gen,
+                                        sample=trainer.cfg.dpo.vae_sample).float()
+    noise = torch.randn(lat[:4].shape, generator=gen)
+    noise = torch.cat([noise, noise])
+    target = trainer.adapter.target(lat, noise, t[:8])
+    assert torch.equal(trainer.adapter.add_noise(lat, noise, t[:8]), latents[:8])
+    cond, empty = trainer.adapter.encode_prompts(batch["caption"] * 2), trainer.adapter.encode_prompts([""] * 8)
+    err = {}
+    with torch.no_grad():
+        for name, model in (("model", inner), ("ref", None)):
+            if model is None:
+                with disabled_adapter(inner) as base:
+                    c, u = (per_sample_mse(unet(latents[:8], t[:8], e, unet=base), target) for e in (cond, empty))
+            else:
+                c, u = (per_sample_mse(unet(latents[:8], t[:8], e, unet=model), target) for e in (cond, empty))
+            err[name] = (7 * c - 6 * u).chunk(2)
+    expected, _ = diffusion_dpo_loss(*err["model"], *err["ref"], beta=trainer.cfg.dpo.beta)
+    assert torch.allclose(guided, expected, rtol=1e-4, atol=1e-6), (float(guided), float(expected))
+    for bad in ("0.5", "true"):
+        with pytest.raises(ValueError, match="dpo.guidance_scale must be a number >= 1"):
+            check_config(cfg_for(pairs, f"dpo.guidance_scale={bad}"))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from alignment.losses import diffusion_dpo_loss, per_sample_mse
+from alignment.losses import diffusion_dpo_loss, guided_denoising_error, per_sample_mse
 
 MW, ML = torch.tensor([0.10, 0.30]), torch.tensor([0.20, 0.10])
 RW, RL = torch.tensor([0.15, 0.20]), torch.tensor([0.15, 0.20])
@@ -147,3 +147,23 @@ def test_ipo_adam_step_is_not_shrunk_by_epsilon():
     loss.backward()
     opt.step()
     assert theta.item() == pytest.approx(-1e-3, rel=0.05)
+
+
+def test_guided_error_is_the_cfg_product_and_counts_a_shared_change_once():
+    c, u = torch.tensor([0.2, 0.4]), torch.tensor([0.3, 0.1])
+    assert torch.allclose(guided_denoising_error(c, u, 7.0), torch.tensor([7 * 0.2 - 6 * 0.3, 7 * 0.4 - 6 * 0.1]))
+    assert torch.equal(guided_denoising_error(c, u, 1.0), c)  # w = 1: the paper's conditional error
+    # A change d of both branches (caption-independent) moves the guided error by d; of the conditional
+    # branch alone (the caption's effect) by w·d: the CFG sampler's weighting.
+    d = torch.tensor([0.01, 0.01])
+    shared = guided_denoising_error(c + d, u + d, 7.0) - guided_denoising_error(c, u, 7.0)
+    cond_only = guided_denoising_error(c + d, u, 7.0) - guided_denoising_error(c, u, 7.0)
+    assert torch.allclose(shared, d, atol=1e-6) and torch.allclose(cond_only, 7 * d, atol=1e-6)
+
+
+@pytest.mark.parametrize("w", [0.5, True, "7", float("nan")])
+def test_guided_error_refuses_bad_scales(w):
+    with pytest.raises(ValueError, match="guidance_scale must be a number >= 1"):
+        guided_denoising_error(torch.zeros(2), torch.zeros(2), w)
+    with pytest.raises(ValueError, match="one shape"):
+        guided_denoising_error(torch.zeros(2), torch.zeros(3), 7.0)

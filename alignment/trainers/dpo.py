@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from alignment.configs import check_counts, count
-from alignment.losses import DPO_LOSS_TYPES, diffusion_dpo_loss, per_sample_mse
+from alignment.losses import DPO_LOSS_TYPES, diffusion_dpo_loss, guided_denoising_error, per_sample_mse
 from alignment.monitor import MonitorHook, MonitorSection, check_monitor, image_embedder, weights_saver
 from alignment.plots import plot_metrics
 from alignment.trainers.common import (
@@ -160,12 +160,24 @@ class DPOSection:
             most of the loss on low noise, where the denoising error is largest and winner and loser differ
             in detail; colour, layout and shape are set at high noise. DDPM-family models (SD, SDXL) only:
             flow models choose their σ density with ``model.weighting_scheme``. None: all timesteps.
+        guidance_scale: train the preference of the classifier-free-guided sampler at this scale w (the one
+            the model is sampled with) instead of the conditional model's: each error in the logits becomes
+            ``w·mse_c − (w − 1)·mse_u`` (`alignment.losses.guided_denoising_error`, the log-density proxy of
+            ``p(x|c)^w·p(x)^(1−w)``, whose score CFG follows), for the model and the reference, at the cost of
+            a second (empty-caption) prediction per image. The paper's loss (None) trains ε(x_t, c) only,
+            while a LoRA changes ε(x_t, ∅) too: measured on the toy world, the two changes point the same way
+            (cosine 0.92-0.94) and CFG 7 passes on ``7·Δε_c − 6·Δε_u``, so the loss and the sampler weigh a
+            change differently: a change shared by both branches counts once in the sampler but fully in the
+            paper's loss, a change of the caption's effect counts 7 times in the sampler but once in the
+            loss. Because such a change now counts w times in the logits, β scales down with w (the toy
+            world: 1000 at w = 7 against 5000 without). CFG families only; None: the paper's loss.
     """
 
     beta: float = 5000.0
     loss_type: str = "sigmoid"
     vae_sample: bool = True
     timestep_range: list[float] | None = None
+    guidance_scale: float | None = None
 
 
 @dataclass
@@ -249,6 +261,10 @@ def check_config(cfg: DPOConfig, need_pipeline: bool = True) -> None:
                                and 0 <= tr[0] < tr[1] <= 1):
         raise ValueError(f"dpo.timestep_range must be [lo, hi] with 0 <= lo < hi <= 1 (fractions of the training "
                          f"timesteps, e.g. [0.3, 1.0]) or null; got {tr!r}.")
+    w = cfg.dpo.guidance_scale
+    if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 1):
+        raise ValueError(f"dpo.guidance_scale must be a number >= 1 (the classifier-free guidance scale the model is "
+                         f"sampled with, e.g. 7.5) or null for the paper's conditional loss; got {w!r}.")
     if cfg.data.ties not in ("skip", "error"):
         raise ValueError(f"data.ties must be 'skip' or 'error'; got {cfg.data.ties!r}.")
     if cfg.data.validate not in VALIDATE_MODES:
@@ -369,6 +385,9 @@ class DPOTrainer:
         if self.weight_dtype == torch.float16 and self.pipe.vae.dtype != torch.float32:
             self.pipe.vae.to(dtype=torch.float32)
         self.resolution = self._resolution()
+        if cfg.dpo.guidance_scale is not None and not self.adapter.uses_cfg:
+            raise ValueError(f"dpo.guidance_scale={cfg.dpo.guidance_scale}: {self.adapter.family} samples without "
+                             "classifier-free guidance, so there is no guided sampler to train; remove dpo.guidance_scale.")
         if cfg.dpo.timestep_range is not None and self.adapter.is_flow:
             raise ValueError("dpo.timestep_range applies to DDPM-family models (SD, SDXL); flow models choose their "
                              "sigma density with model.weighting_scheme. Remove dpo.timestep_range.")
@@ -531,17 +550,29 @@ class DPOTrainer:
                 micro = torch.cat([batch["micro_w"], batch["micro_l"]]).to(dev)
                 target_size = micro.new_full((micro.shape[0], 2), float(self.resolution))
                 cond.time_ids = torch.cat([micro, target_size], dim=1).to(cond.time_ids.dtype)
+            w = self.cfg.dpo.guidance_scale
+            if w is not None:  # the empty caption's prediction on the same latents, in the same forward
+                cond = cond.cat(ad.negative_embeds(cond))
+                noisy, t, target = torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([target, target])
         with self.accelerator.autocast():
             pred = ad.unet(noisy, t, cond, unet=model)
-        mse_w, mse_l = per_sample_mse(pred, target).chunk(2)
         with torch.no_grad(), self.accelerator.autocast():
             if self.ref_unet is not None:
                 ref_pred = ad.unet(noisy, t, cond, unet=self.ref_unet)
             else:
                 with disabled_adapter(model) as base:
                     ref_pred = ad.unet(noisy, t, cond, unet=base)
-        ref_w, ref_l = per_sample_mse(ref_pred, target).chunk(2)
-        return diffusion_dpo_loss(mse_w, mse_l, ref_w, ref_l, beta=self.cfg.dpo.beta, loss_type=self.cfg.dpo.loss_type)
+        mse, ref = per_sample_mse(pred, target), per_sample_mse(ref_pred, target)
+        if w is None:
+            return diffusion_dpo_loss(*mse.chunk(2), *ref.chunk(2), beta=self.cfg.dpo.beta, loss_type=self.cfg.dpo.loss_type)
+        (mse_c, mse_u), (ref_c, ref_u) = mse.chunk(2), ref.chunk(2)
+        loss, metrics = diffusion_dpo_loss(*guided_denoising_error(mse_c, mse_u, w).chunk(2),
+                                           *guided_denoising_error(ref_c, ref_u, w).chunk(2),
+                                           beta=self.cfg.dpo.beta, loss_type=self.cfg.dpo.loss_type)
+        # model_mse / ref_mse stay the conditional errors (the loss-spike flag); the empty caption's beside them
+        metrics.update(model_mse=mse_c.detach().mean(), ref_mse=ref_c.detach().mean(),
+                       model_mse_uncond=mse_u.detach().mean(), ref_mse_uncond=ref_u.detach().mean())
+        return loss, metrics
 
     @torch.no_grad()
     def evaluate(self, num_batches: int = 4, seed: int = 12345, dataset: PairDataset | None = None) -> dict[str, float]:
