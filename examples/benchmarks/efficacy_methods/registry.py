@@ -10,6 +10,7 @@ flow-matching `StableDiffusion3Pipeline` twin; see `BASES`).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -132,8 +133,11 @@ def common_train(ctx: Context, name: str, steps: int, lr: float, batch: int):
 
 
 def reward_finetune(ctx: Context, name: str, reward: str, steps: int, lr: float, batch: int = 8,
-                    work_name: str | None = None, **method_kw) -> dict:
-    """Run `RewardFinetuner` with method `name` (draft, draft-lv, alignprop, refl, rwr) on reward `reward`."""
+                    work_name: str | None = None, train_kw: dict | None = None, lora_kw: dict | None = None,
+                    **method_kw) -> dict:
+    """Run `RewardFinetuner` with method `name` (draft, draft-lv, alignprop, refl, rwr) on reward `reward`
+    (`train_kw` / `lora_kw`: other `TrainSection` / `LoraSection` fields than `common_train`'s, e.g.
+    ``{"lr_scheduler": "cosine"}``, ``{"target_modules": [...]}``)."""
     from alignment.trainers.reward_finetune import (
         DataSection,
         MethodSection,
@@ -144,6 +148,10 @@ def reward_finetune(ctx: Context, name: str, reward: str, steps: int, lr: float,
     )
 
     model, lora, train = common_train(ctx, work_name or name, steps, lr, batch)
+    if train_kw:
+        train = dataclasses.replace(train, **train_kw)
+    if lora_kw:
+        lora = dataclasses.replace(lora, **lora_kw)
     cfg = RewardFinetuneConfig(
         model=model, lora=lora, train=train, method=MethodSection(name=name, **method_kw),
         sampling=SamplingSection(num_steps=ctx.steps, guidance_scale=ctx.guidance, scheduler=BASES[ctx.base].scheduler,
