@@ -39,8 +39,9 @@ def draft_lv(ctx: Context) -> dict:
     # averaged. That last timestep is t = 1 for this 10-step DDIM ("leading" spacing), as for SD's 50-step DDIM,
     # and there the whole step moves the latents by 0.012 per unit of the UNet's prediction: no setting of the
     # last step's prediction can change a colour, shape or place, so DRaFT-LV's objective can only gain what
-    # the shared LoRA carries over to the early steps. At lr 5e-4 (the paper's small-scale lr is 4e-4) the
-    # collapse goes but no gain comes: 100 / 200 / 300 steps 0.236 / 0.222 / 0.229, colour 0.50 / 0.44 / 0.40,
+    # the shared LoRA carries over to the early steps. At lr 5e-4 (near the 4e-4 reimplementations give as the
+    # paper's small-scale lr) the collapse goes but no gain comes: 100 / 200 / 300 steps 0.236 / 0.222 / 0.229,
+    # colour 0.50 / 0.44 / 0.40,
     # position 0.67 / 0.62 / 0.56, soft oracle on the held-out images 0.671 / 0.682 / 0.683 (train CPU 136 /
     # 262 / 382 s; `efficacy_curve.py --method draft-lv --kw '{"lv_n": 2}' --lr 5e-4 --evals 100,200,300`);
     # the logged LoRA gradient norm stays 0.002-0.012 (ReFL at steps 2-5, 10-step means: 0.22-0.58).
