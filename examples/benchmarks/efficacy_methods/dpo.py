@@ -64,7 +64,7 @@ def dpo(ctx: Context, loss_type: str, online: bool = False, steps: int = 200, be
     # make the sampler see 7 dc). What was built, `guided=True` (`dpo.guidance_scale` = the sampler's 7; beta
     # `GUIDED_BETA`): the preference of the guided sampler p(x|c)^7 p(x)^-6, errors 7 mse_c - 6 mse_u.
     # `efficacy.py --out outputs/dpo/guided_s<seed> --bon-slots 4 --threads 1 --seed <seed> --method <entry>`
-    # with guided=True: sigmoid (beta 1000) seed 0 0.188 -> 0.292 (colour 0.50, shape 0.61, position 0.70;
+    # with the entry calling `dpo(ctx, loss_type, guided=True)` (the default while measured): sigmoid (beta 1000) seed 0 0.188 -> 0.292 (colour 0.50, shape 0.61, position 0.70;
     # 136 CPU s), seed 1 0.250 (0.49, 0.56, 0.68; 137 s); IPO (beta 125) seed 0 0.257 (0.51, 0.59, 0.71;
     # 108 s). The paper's loss at seed 1 (this entry, `--out outputs/dpo/paper_s1 --seed 1`, on the guided
     # seed-1 run's pairs, copied: 69 CPU s without mining): 0.215 (0.47, 0.57, 0.67). Guided sigmoid is ahead on
