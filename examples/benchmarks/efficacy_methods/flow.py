@@ -55,9 +55,10 @@ def flow_dpo(ctx: Context) -> dict:
     return dpo(ctx, "sigmoid")
 
 def flow_grpo(ctx: Context, name: str, terms: dict, epochs: int, lr: float, group: int = 8, prompts: int = 8,
-              clip_range: float = 1e-2, noise_level: float = 0.7, kl_weight: float = 0.0) -> dict:
+              clip_range: float = 1e-2, noise_level: float = 0.7, kl_weight: float = 0.0, **method_kw) -> dict:
     """Flow-GRPO with LoRA: `prompts` training captions x `group` SDE rollouts per epoch (noise level `a`),
-    group-relative advantages, PPO clipping at `clip_range`, every step trained."""
+    group-relative advantages, PPO clipping at `clip_range`, every step trained unless `method_kw` (to
+    `PolicySection`: trained steps, window, shared starting noise, ...) says otherwise."""
     from alignment.trainers.policy_gradient import (
         PGSamplingSection,
         PolicyGradientConfig,
@@ -70,7 +71,7 @@ def flow_grpo(ctx: Context, name: str, terms: dict, epochs: int, lr: float, grou
     cfg = PolicyGradientConfig(
         model=model, lora=lora, train=train,
         method=PolicySection(name="grpo", group_size=group, prompts_per_epoch=prompts, clip_range=clip_range,
-                             kl_weight=kl_weight),
+                             kl_weight=kl_weight, **method_kw),
         sampling=PGSamplingSection(num_steps=ctx.steps, guidance_scale=ctx.guidance, noise_level=noise_level,
                                    flow_kind="sde", batch_size=64, reward_batch_size=64),
         reward=RewardSection(terms=terms, normalize=False),
@@ -94,4 +95,7 @@ def flow_grpo_exact(ctx: Context) -> dict:
 @method("flow-grpo-clip", "toyworld-clip", base="flow")
 def flow_grpo_clip(ctx: Context) -> dict:
     """Flow-GRPO (SDE rollouts) on the learned toyworld-clip reward (flow twin)"""
+    # Measured (`efficacy.py --out outputs/ddpo/flow --method flow-grpo-clip --threads 1`): 10 epochs, 640
+    # images, 171 CPU s: held-out toyworld-clip 8.89 -> 9.08, exact overall 0.229 -> 0.222 (colour 0.48 ->
+    # 0.49, shape 0.43 -> 0.42, position 0.87 -> 0.83): nothing moved, as for flow-grpo at these settings.
     return flow_grpo(ctx, "flow-grpo-clip", {"toyworld-clip": 1.0}, epochs=10, lr=1e-3)

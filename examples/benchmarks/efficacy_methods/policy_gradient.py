@@ -61,6 +61,17 @@ def ddpo(ctx: Context) -> dict:
     # is noise. Cosines between the gradients of independent 64-image batches: -0.09 to 0.10 (all steps or
     # the early window, shared noise or not; toyworld-clip: -0.20 to 0.30), so 112 Adam steps are a random
     # walk; the clip never binds (clip fraction 0-0.2 %, approx-KL ~4e-7 per epoch).
+    # Second pass (`examples/benchmarks/policy_gradient_probe.py snr|curve`, commands in the README's policy-
+    # gradient paragraph): the per-group gradient
+    # SNR s = mean_{i!=j} g_i.g_j / mean |g_i|^2 over 32-48 groups of G = 8 (an unbiased |E g|^2 / E|g|^2) is
+    # 0.0002 with these 0/1 scores and 0.0086 with the soft oracle's values (`toyworld`, values only, which
+    # policy gradient may use). 0.0086 is the ceiling of any score-function estimator here: for a reward linear
+    # in the step noise s = 1 / (1 + D / G) with D = 4 steps x 256 latent elements -> 0.0078. So the soft values
+    # make the estimator as good as it can be, and it is still noise at this budget: soft values with these
+    # settings gave 0.201 at 1024 images and 0.174 at 2048; lr 1e-2 moved the policy (approx-KL 1e-5, the
+    # clip at 1e-2 binding on 1-7 %) and wrecked it (0.035 at 1024 images); training step 0 only (D = 256,
+    # s = 0.0135) wandered 0.188 -> 0.250 -> 0.118 at 1280 / 2560 / 3840 images. Per-group std vs global std
+    # (0.0071) and eta 0.5 (no positive SNR) did not help. The entry keeps its measured setting.
     return policy_gradient(ctx, "ddpo", EXACT_TERMS, epochs=56, lr=2e-3, clip_range=1e-2, batch=32, **EARLY_STEPS)
 
 
