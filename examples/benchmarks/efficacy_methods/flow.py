@@ -49,7 +49,10 @@ def flow_dpo(ctx: Context) -> dict:
     # of a pair share noise and sigma (the flow adapter's forward process). Measured (`efficacy.py --out
     # outputs/efficacy_flow_dpo --method flow-dpo-sigmoid-offline --threads 1`): 0.229 -> 0.264, colour
     # 0.48 -> 0.49, shape 0.43 -> 0.47, position 0.87 -> 0.85 (182 CPU s, mining included): below the bar,
-    # like the SD entries (see dpo.py); beta was not re-tuned for the velocity error's scale.
+    # like the SD entries (see dpo.py); beta was not re-tuned for the velocity error's scale. The guided
+    # sampler's preference (`dpo(ctx, "sigmoid", guided=True)`: dpo.guidance_scale 7, beta 1000; the same
+    # Context, entry function and `evaluate` in one process, seed 0) gives the same overall: 0.229 -> 0.264,
+    # colour 0.50, shape 0.49, position 0.87 (224 CPU s, mining included): no gain, so the paper's loss stays.
     from .dpo import dpo
 
     return dpo(ctx, "sigmoid")
