@@ -72,8 +72,10 @@ def refl(ctx: Context) -> dict:
     # position are decided by step 2-3 and shape by step 5 (module docstring): [2, 5] is where x̂0 can be judged
     # and the step still decides. The late ranges ImageReward's rule gives here (t <= 226: steps 7-9; the trainer
     # default round(0.75 N) gives [8, 9]) train steps that decide nothing: [7, 8] (t = 201, 101) 200 steps
-    # 0.188 -> 0.243 (colour 0.40, shape 0.64, position 0.61; 201 CPU s); [8, 9] 50 steps 0.236; [2, 8] 50 steps
-    # 0.188 (50 steps are too few for any range). [2, 5], lr 1e-3, hinge relu(1 - r) (the soft oracle is in
+    # 0.188 -> 0.243 (colour 0.40, shape 0.64, position 0.61; 201 CPU s), and more steps do not help it: 300 /
+    # 400 steps 0.222 / 0.222, position 0.51 / 0.47, shape 0.58 / 0.48 (`efficacy_curve.py --method refl`, same
+    # settings, `--evals 200,300,400`; its 200-step model reproduces 0.243); [8, 9] 50 steps 0.236; [2, 8] 50
+    # steps 0.188 (50 steps are too few for any range). [2, 5], lr 1e-3, hinge relu(1 - r) (the soft oracle is in
     # [0, 1]), held-out exact overall at 50 / 100 / 200 / 300 / 400 steps (`efficacy_curve.py --method refl`, one
     # run judged along the way; `--seed 1`): seed 0 0.229 / 0.292 / 0.285 / 0.410 / 0.375, seed 1 (200-400) 0.333 / 0.382 /
     # 0.396; the soft oracle on the held-out images levels off by 300 steps (seed 0 0.744 / 0.744 at 300 / 400,
