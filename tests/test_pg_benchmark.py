@@ -13,3 +13,25 @@ def test_gpu_modes_need_cuda(mode, capsys):
         pytest.skip("a CUDA device is present")
     assert main(["--mode", mode]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_probe_refuses_a_bad_window(capsys):
+    from examples.benchmarks.policy_gradient_probe import main as probe
+
+    assert probe(["snr", "--window", "4"]) == 2
+    assert "--window must be START,SIZE" in capsys.readouterr().err
+
+
+def test_probe_snr_on_the_toy_world(tmp_path, capsys):
+    """Two groups of two rollouts: the signal share is a cosine-like ratio in [-1, 1] (it is NaN if the LoRA gets
+    no gradient), and the ceiling is 1 / (1 + D / G) with D = 1 trained step x 256 latent elements."""
+    import json
+    import math
+
+    from examples.benchmarks.policy_gradient_probe import main as probe
+
+    assert probe(["snr", "--reward", "soft", "--window", "0,1", "--group", "2", "--prompts", "2", "--epochs", "1",
+                  "--out", str(tmp_path)]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["result"]
+    assert res["groups"] == 2 and math.isfinite(res["s_group"]) and -1 <= res["s_group"] <= 1
+    assert res["ceiling_linear_reward"] == round(1 / (1 + 256 / 2), 4)
