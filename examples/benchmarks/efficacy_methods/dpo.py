@@ -67,10 +67,12 @@ def dpo(ctx: Context, loss_type: str, online: bool = False, steps: int = 200, be
     # with the entry calling `dpo(ctx, loss_type, guided=True)` (the default while measured): sigmoid (beta 1000) seed 0 0.188 -> 0.292 (colour 0.50, shape 0.61, position 0.70;
     # 136 CPU s), seed 1 0.250 (0.49, 0.56, 0.68; 137 s); IPO (beta 125) seed 0 0.257 (0.51, 0.59, 0.71;
     # 108 s). The paper's loss at seed 1 (this entry, `--out outputs/dpo/paper_s1 --seed 1`, on the guided
-    # seed-1 run's pairs, copied: 69 CPU s without mining): 0.215 (0.47, 0.57, 0.67). Guided sigmoid is ahead on
-    # both seeds (+2.1, +3.5 points on the same pairs and evaluation images; mean 0.271 against 0.243) but
-    # clears +10 on seed 0 only, IPO guided is below IPO (0.257 against 0.271), and each gap is within the
-    # ~0.035 noise of one 144-image score: not confirmed, so the entries keep the paper's loss. The guided
+    # seed-1 run's pairs, copied: 69 CPU s without mining): 0.215 (0.47, 0.57, 0.67). Seed 2 (this function
+    # with efficacy.py's Context, seeding and `evaluate` in one process, shared pairs): guided 0.215 (0.47,
+    # 0.59, 0.67; 124 s), paper 0.181 (0.41, 0.59, 0.69; 72 s). Guided sigmoid is ahead on every seed (+2.1,
+    # +3.5, +3.4 points on the same pairs and evaluation images; mean 0.252 against 0.222) but clears +10 on
+    # seed 0 only, IPO guided is below IPO (0.257 against 0.271) and the flow twin does not move (flow.py):
+    # the entries keep the paper's loss. This entry alone spans 0.181-0.271 over training seeds 0-2. The guided
     # LoRA's shared change is larger and more aligned (|dc| 0.75-1.44, cosine 0.96-0.97) and the sampler's
     # change the same size (1.41-2.59); with the reference's unconditional branch it falls to 0.139. Other probes this pass (a DPOTrainer subclass, the entry's pairs, 200 steps,
     # seed 0, not kept): guided, beta 5000 0.229, beta 500 0.215 (model error 41 % above the reference's);
