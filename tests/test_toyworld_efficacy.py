@@ -72,7 +72,8 @@ def sections(tmp_path, steps: int, lr: float, batch: int):
                          weight_decay=0.0))
 
 
-def reward_finetune(base, tmp_path, method: str, reward: str, steps: int, lr: float, batch: int, **method_kw):
+def reward_finetune(base, tmp_path, method: str, reward: str, steps: int, lr: float, batch: int,
+                    lora_targets: list[str] | None = None, **method_kw):
     """`RewardFinetuner` on a copy of the base pipeline, training on PROMPTS; returns the trained pipeline."""
     from alignment.trainers.reward_finetune import (
         DataSection,
@@ -84,6 +85,8 @@ def reward_finetune(base, tmp_path, method: str, reward: str, steps: int, lr: fl
     )
 
     model, lora, train = sections(tmp_path, steps, lr, batch)
+    if lora_targets is not None:
+        lora.target_modules = list(lora_targets)
     cfg = RewardFinetuneConfig(
         model=model, lora=lora, train=train, method=MethodSection(name=method, **method_kw),
         sampling=SamplingSection(num_steps=models.DEFAULT_STEPS, guidance_scale=models.DEFAULT_GUIDANCE,
@@ -147,16 +150,21 @@ def test_reward_gradient_method_raises_the_soft_oracle(base, before, tmp_path, m
         f"+{GRADIENT_MIN_GAIN})")
 
 
-# RWR on its own samples, weighted by exp((r - mean r) / 0.1) of the soft oracle, 6 steps of batch 8, lr 1e-3.
-# Measured at 5 steps (seeds 0 / 1 / 2): overall +0.000 / -0.005 / -0.009. The efficacy benchmark finds the same
-# at full size (held-out exact 0.188 -> 0.125 with the learned reward; uniform weights lose as much: fitting
-# the model's own CFG samples is what hurts), so this is expected to fail until RWR is fixed; strict, so that a
-# fix shows up as an unexpected pass.
-@pytest.mark.xfail(strict=True, reason="RWR makes the toy model worse (efficacy benchmark finding, under repair): "
-                                       "fitting its own guided samples outweighs the reward weighting")
+# RWR as its efficacy entry trains, at a budget of seconds: the offline pool (8 base images of each of the 12
+# captions, scored once by the soft oracle, the best 2 kept and re-encoded by the VAE), LoRA on RWR_LORA_TARGETS,
+# 30 steps of batch 8, lr 1e-3 (~33 CPU s). Measured (seed 0): overall -0.012 (colour -0.021, shape -0.027,
+# position +0.011); with the attention-only LoRA -0.025. Online on its own samples (the first entry, 5 steps,
+# seeds 0 / 1 / 2): +0.000 / -0.005 / -0.009. At full size the re-encoded pool no longer loses systematically but
+# does not gain reliably either (held-out exact 0.111-0.326 over pools and seeds, efficacy_methods/rwr.py), so this
+# is expected to fail; strict, so that a fix shows up as an unexpected pass.
+@pytest.mark.xfail(strict=True, reason="RWR does not move the toy oracle reliably (efficacy finding): fitting "
+                                       "reward-selected samples with the denoising loss learns too slowly here")
 def test_rwr_raises_the_soft_oracle(base, before, tmp_path):
-    pipe = reward_finetune(base, tmp_path, "rwr", "toyworld", steps=6, lr=1e-3, batch=8, rwr_weighting="exp",
-                           rwr_temperature=0.1)
+    from examples.benchmarks.efficacy_methods.rwr import RWR_LORA_TARGETS
+
+    pipe = reward_finetune(base, tmp_path, "rwr", "toyworld", steps=30, lr=1e-3,
+                           batch=8, lora_targets=RWR_LORA_TARGETS, rwr_samples="pool", rwr_pool_size=8,
+                           rwr_weighting="topk", rwr_top_fraction=0.25, rwr_reencode=True)
     g = report("rwr", before, measure(pipe))
     assert g["overall"] >= GRADIENT_MIN_GAIN, f"rwr: soft oracle overall {g['overall']:+.4f}"
 
