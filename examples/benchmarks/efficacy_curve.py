@@ -26,8 +26,14 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from alignment.toyworld import models, world  # noqa: E402
-from examples.benchmarks.efficacy_methods.registry import DIMS, Context, common_train, evaluate, load_base  # noqa: E402
+from alignment.toyworld import models  # noqa: E402
+from examples.benchmarks.efficacy_methods.registry import (  # noqa: E402
+    DIMS,
+    Context,
+    evaluate,
+    load_base,
+    reward_finetune_trainer,
+)
 
 
 def parse_evals(text: str) -> list[int]:
@@ -62,28 +68,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"--kw must be a JSON object like '{{\"lv_n\": 2}}'; got {a.kw!r}")
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    from alignment.trainers.reward_finetune import (
-        DataSection,
-        MethodSection,
-        RewardFinetuneConfig,
-        RewardFinetuner,
-        RewardSection,
-        SamplingSection,
-    )
-
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     steps, guidance = models.DEFAULT_STEPS, models.DEFAULT_GUIDANCE
     ctx = Context(load_base(), out / "work", steps, guidance, 1.0, a.seed)
-    model, lora, train = common_train(ctx, a.method, evals[-1], a.lr, a.batch)
-    cfg = RewardFinetuneConfig(
-        model=model, lora=lora, train=train, method=MethodSection(name=a.method, **kw),
-        sampling=SamplingSection(num_steps=steps, guidance_scale=guidance, scheduler="ddim", checkpoint_unet=False,
-                                 checkpoint_vae=False),
-        reward=RewardSection(terms={a.reward: 1.0}, normalize=False),
-        data=DataSection(prompts=world.train_prompts(), val_prompts=world.train_prompts()[:2]),
-    )
-    trainer = RewardFinetuner(cfg, pipe=ctx.pipe)
+    trainer = reward_finetune_trainer(ctx, a.method, a.reward, evals[-1], a.lr, a.batch, **kw)
     trainer.unet.train()
     rows: list[dict] = []
     train_cpu = 0.0

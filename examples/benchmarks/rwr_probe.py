@@ -16,7 +16,6 @@ the numbers quoted in `efficacy_methods/rwr.py` came from runs like
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -29,30 +28,17 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from alignment.toyworld import models, render, world  # noqa: E402
-from alignment.trainers.reward_finetune import (  # noqa: E402
-    DataSection,
-    MethodSection,
-    RewardFinetuneConfig,
-    RewardFinetuner,
-    RewardSection,
-    SamplingSection,
-)
-from examples.benchmarks.efficacy_methods.registry import Context, common_train, evaluate  # noqa: E402
+from examples.benchmarks.efficacy_methods.registry import Context, evaluate, reward_finetune_trainer  # noqa: E402
 from reward_plugins import create_reward  # noqa: E402
 
 CACHE = Path("outputs/rwr_probe")
 
 
 def make_trainer(steps, lr, batch, tag, lora_kw=None, **mkw):
+    """The efficacy entry's RWR trainer (`toyworld-clip`, uniform weights unless `mkw` says otherwise)."""
     ctx = Context(pipe=models.load_pipeline(), workdir=CACHE / "work", steps=10, guidance=7.0, scale=1.0)
-    model, lora, train = common_train(ctx, tag, steps, lr, batch)
-    if lora_kw:
-        lora = dataclasses.replace(lora, **lora_kw)
-    cfg = RewardFinetuneConfig(model=model, lora=lora, train=train, method=MethodSection(name="rwr", rwr_weighting="exp", rwr_temperature=1e6, **mkw),
-        sampling=SamplingSection(num_steps=10, guidance_scale=7.0, scheduler="ddim", checkpoint_unet=False, checkpoint_vae=False),
-        reward=RewardSection(terms={"toyworld-clip": 1.0}, normalize=False),
-        data=DataSection(prompts=world.train_prompts(), val_prompts=world.train_prompts()[:2]))
-    return RewardFinetuner(cfg, pipe=ctx.pipe)
+    return reward_finetune_trainer(ctx, "rwr", "toyworld-clip", steps, lr, batch, work_name=tag, lora_kw=lora_kw,
+                                   **{"rwr_weighting": "exp", "rwr_temperature": 1e6, **mkw})
 
 @torch.no_grad()
 def real_latents(tr, prompts, gen):

@@ -132,12 +132,13 @@ def common_train(ctx: Context, name: str, steps: int, lr: float, batch: int):
     return model, lora, train
 
 
-def reward_finetune(ctx: Context, name: str, reward: str, steps: int, lr: float, batch: int = 8,
-                    work_name: str | None = None, train_kw: dict | None = None, lora_kw: dict | None = None,
-                    **method_kw) -> dict:
-    """Run `RewardFinetuner` with method `name` (draft, draft-lv, alignprop, refl, rwr) on reward `reward`
-    (`train_kw` / `lora_kw`: other `TrainSection` / `LoraSection` fields than `common_train`'s, e.g.
-    ``{"lr_scheduler": "cosine"}``, ``{"target_modules": [...]}``)."""
+def reward_finetune_trainer(ctx: Context, name: str, reward: str | dict, steps: int, lr: float, batch: int = 8,
+                            work_name: str | None = None, train_kw: dict | None = None, lora_kw: dict | None = None,
+                            **method_kw):
+    """The `RewardFinetuner` (built, not trained) with method `name` (draft, draft-lv, alignprop, refl, rwr) on
+    reward `reward` (`train_kw` / `lora_kw`: other `TrainSection` / `LoraSection` fields than `common_train`'s,
+    e.g. ``{"lr_scheduler": "cosine"}``, ``{"target_modules": [...]}``); probes that train step by step
+    (efficacy_curve.py, rwr_probe.py) build theirs here so they run exactly the benchmark's setup."""
     from alignment.trainers.reward_finetune import (
         DataSection,
         MethodSection,
@@ -159,7 +160,14 @@ def reward_finetune(ctx: Context, name: str, reward: str, steps: int, lr: float,
         reward=RewardSection(terms=reward if isinstance(reward, dict) else {reward: 1.0}, normalize=False),
         data=DataSection(prompts=world.train_prompts(), val_prompts=world.train_prompts()[:2]),
     )
-    trainer = RewardFinetuner(cfg, pipe=ctx.pipe)
+    return RewardFinetuner(cfg, pipe=ctx.pipe)
+
+
+def reward_finetune(ctx: Context, name: str, reward: str | dict, steps: int, lr: float, batch: int = 8,
+                    work_name: str | None = None, train_kw: dict | None = None, lora_kw: dict | None = None,
+                    **method_kw) -> dict:
+    """Train `reward_finetune_trainer(...)` to its last step: the benchmark's reward fine-tuning entries."""
+    trainer = reward_finetune_trainer(ctx, name, reward, steps, lr, batch, work_name, train_kw, lora_kw, **method_kw)
     summary = trainer.train()
     per_step = batch * (method_kw.get("lv_n", 1) if name == "draft-lv" else 1)
     return {"pipe": trainer.pipe, "samples": summary["step"] * per_step}
