@@ -20,6 +20,17 @@ log-density (both official codes do this; the per-element scale keeps PPO's clip
 of the image size). CPS's official code drops the constants and the 1/(2s²) factor; this module keeps
 the true density for every kind (the variance does not depend on θ, so ratios only differ in scale).
 
+**Block exploration noise** (``noise_block`` f > 1, an opt-in variance reduction of this project, not in
+either paper): each stochastic step draws z ~ N(0, I) at low resolution, (B, C, h/f, w/f), and
+nearest-upsamples it by f, so x_{i+1} = μ + s·up(z). Every latent element keeps its std s, but the step's
+randomness lives in k = C·h·w/f² dimensions instead of C·h·w, and the score-function estimator's
+per-group signal share ceiling 1/(1 + D/G) rises with D = k per trained step. The log-prob is the density
+of what is random, the f × f block means: bm(x_{i+1}) ~ N(bm(μ), s²) elementwise, so the log-prob is
+`gaussian_log_prob(bm(x_{i+1}), bm(μ), s)` (mean over the k block elements) and the KL is taken on
+block means too. The bias of the option: the within-block detail of μ (μ − up(bm(μ))) follows the
+policy deterministically and gets no score-function gradient, and the chain's joint law is not DDPM's /
+the SDE's (the noise is block-constant). f = 1 is the ordinary per-element noise, bit for bit.
+
 `rollout` runs a whole chain and records latents and log-probs; `transition` recomputes the
 log-prob of recorded transitions under the current model (the ratio's numerator). Both call the
 model through one function, so the first recomputation equals what was recorded.
@@ -73,11 +84,53 @@ def _per_sample(v, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def check_noise_block(f, shape: tuple | torch.Size | None = None, key: str = "noise_block") -> int:
+    """`f` if it is a valid block size: a positive integer dividing the last two dims of `shape` (if given).
+
+    Raises:
+        ValueError: a one-line message naming `key`, the value and the latent size.
+    """
+    if not isinstance(f, int) or isinstance(f, bool) or f < 1:
+        raise ValueError(f"{key} must be a positive integer (1 = per-element step noise); got {f!r}.")
+    if f > 1 and shape is not None:
+        if len(shape) < 2 or shape[-2] % f or shape[-1] % f:
+            size = " x ".join(str(int(d)) for d in shape[-2:])
+            raise ValueError(f"{key}={f} must divide the latent height and width ({size}); use a divisor such as 1 or 2.")
+    return f
+
+
+def block_mean(x: torch.Tensor, f: int) -> torch.Tensor:
+    """The mean of each f x f block of the last two dims: (..., h, w) -> (..., h/f, w/f); `x` itself for f = 1."""
+    if f == 1:
+        return x
+    check_noise_block(f, x.shape)
+    *lead, h, w = x.shape
+    return x.reshape(*lead, h // f, f, w // f, f).mean(dim=(-3, -1))
+
+
+def block_upsample(z: torch.Tensor, f: int) -> torch.Tensor:
+    """Nearest upsampling of the last two dims by f (each value fills an f x f block); `z` itself for f = 1."""
+    if f == 1:
+        return z
+    return z.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1)
+
+
+def _blocks(t: torch.Tensor, like: torch.Tensor, f: int) -> torch.Tensor:
+    """Block means of `t` where it spans `like`'s last two dims; a broadcast (…, 1, 1) `t` as it is."""
+    if f > 1 and t.ndim == like.ndim and t.shape[-2:] == like.shape[-2:]:
+        return block_mean(t, f)
+    return t
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, block: int = 1) -> torch.Tensor:
     """Mean over non-batch dims of the elementwise log N(x | mean, std²); rows with std = 0 give 0.
 
-    `x` is treated as data (detached): the gradient flows through `mean` only.
+    `x` is treated as data (detached): the gradient flows through `mean` only. With `block` f > 1 the
+    density is that of the f x f block means, log N(bm(x) | bm(mean), std²), averaged over the block
+    elements: the law of a step whose noise is `block_upsample`d from (…, h/f, w/f) (std constant per block).
     """
+    if block > 1:
+        x, std, mean = block_mean(x.detach(), block), _blocks(std, mean, block), block_mean(mean, block)
     std = std.expand_as(mean) if std.shape != mean.shape else std
     safe = torch.where(std > 0, std, torch.ones_like(std))
     lp = -((x.detach() - mean) ** 2) / (2 * safe**2) - torch.log(safe) - LOG_SQRT_2PI
@@ -85,12 +138,15 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     return lp.mean(dim=tuple(range(1, lp.ndim)))
 
 
-def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor, block: int = 1) -> torch.Tensor:
     """(B,) KL(N(mean, std²) || N(mean_ref, std²)) per element, averaged over non-batch dims.
 
     With a shared variance the KL between two Gaussian transitions is ‖μ − μ_ref‖² / (2 s²) (Flow-GRPO's
-    KL term); rows with std = 0 give 0.
+    KL term); rows with std = 0 give 0. With `block` f > 1 it is the KL of the f x f block means (the
+    random part of a block-noise step), averaged over the block elements.
     """
+    if block > 1:
+        std, mean, mean_ref = _blocks(std, mean, block), block_mean(mean, block), block_mean(mean_ref, block)
     std = std.expand_as(mean) if std.shape != mean.shape else std
     safe = torch.where(std > 0, std, torch.ones_like(std))
     kl = (mean - mean_ref.detach()) ** 2 / (2 * safe**2)
@@ -102,6 +158,15 @@ def _noise(shape, like: torch.Tensor, generator: torch.Generator | None) -> torc
     from diffusers.utils.torch_utils import randn_tensor
 
     return randn_tensor(shape, generator=generator, device=like.device, dtype=torch.float32)
+
+
+def _step_noise(like: torch.Tensor, generator: torch.Generator | None, block: int) -> torch.Tensor:
+    """N(0, I) shaped like `like`; with `block` f > 1 drawn at (…, h/f, w/f) and nearest-upsampled by f."""
+    if block == 1:
+        return _noise(like.shape, like, generator)
+    check_noise_block(block, like.shape)
+    small = (*like.shape[:-2], like.shape[-2] // block, like.shape[-1] // block)
+    return block_upsample(_noise(small, like, generator), block)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -117,6 +182,7 @@ def ddim_step_logprob(
     eta: float | torch.Tensor = 1.0,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    noise_block: int = 1,
 ) -> StepLogProb:
     """One DDIM step with η > 0 and the log-prob of its result; timesteps may differ per sample.
 
@@ -129,10 +195,14 @@ def ddim_step_logprob(
         eta: DDIM's η, scalar or (B,); 0 makes the step deterministic (log-prob 0).
         prev_sample: the recorded x_{t−1} to score instead of drawing one.
         generator: RNG for the step noise (ignored with `prev_sample`).
+        noise_block: f; > 1 draws block-constant step noise (f x f blocks) and scores the block means
+            (see the module docstring; 1 is the ordinary step).
 
     Raises:
-        ValueError: no `set_timesteps` yet, an unsupported prediction type, or thresholding.
+        ValueError: no `set_timesteps` yet, an unsupported prediction type, thresholding, or a block size
+            that does not divide the latent height and width.
     """
+    check_noise_block(noise_block, sample.shape)
     cfg = scheduler.config
     if scheduler.num_inference_steps is None:
         raise ValueError("the scheduler has no timesteps; call scheduler.set_timesteps(num_steps) first.")
@@ -162,9 +232,9 @@ def ddim_step_logprob(
     std = _per_sample(eta, x) * variance.clamp(min=0).sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
     if prev_sample is None:
-        prev_sample = mean + std * _noise(x.shape, x, generator)
+        prev_sample = mean + std * _step_noise(x, generator, noise_block)
     prev_sample = prev_sample.float()
-    return StepLogProb(prev_sample, gaussian_log_prob(prev_sample, mean, std), mean, std)
+    return StepLogProb(prev_sample, gaussian_log_prob(prev_sample, mean, std, noise_block), mean, std)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,6 +252,7 @@ def flow_step_logprob(
     sigma_max: float | None = None,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    noise_block: int = 1,
 ) -> StepLogProb:
     """One stochastic step of a rectified-flow sampler (velocity v = ε − x₀) and its log-prob.
 
@@ -195,12 +266,16 @@ def flow_step_logprob(
             where σ = 1; required for ``sde`` when a sigma equals 1.
         prev_sample: the recorded next sample to score instead of drawing one.
         generator: RNG for the step noise.
+        noise_block: f; > 1 draws block-constant step noise (f x f blocks) and scores the block means
+            (see the module docstring; 1 is the ordinary step).
 
     Raises:
-        ValueError: an unknown kind, or σ = 1 with ``sde`` and no `sigma_max`.
+        ValueError: an unknown kind, σ = 1 with ``sde`` and no `sigma_max`, or a block size that does not
+            divide the latent height and width.
     """
     if kind not in FLOW_KINDS:
         raise ValueError(f"unknown flow step kind {kind!r}; use one of {FLOW_KINDS}.")
+    check_noise_block(noise_block, sample.shape)
     x = sample.float()
     v = model_output.float()
     s = _per_sample(sigma, x)
@@ -223,9 +298,9 @@ def flow_step_logprob(
         x1 = x + (1 - s) * v
         mean = (1 - s_next) * x0 + (s_next**2 - std**2).clamp(min=0).sqrt() * x1
     if prev_sample is None:
-        prev_sample = mean + std * _noise(x.shape, x, generator)
+        prev_sample = mean + std * _step_noise(x, generator, noise_block)
     prev_sample = prev_sample.float()
-    return StepLogProb(prev_sample, gaussian_log_prob(prev_sample, mean, std), mean, std)
+    return StepLogProb(prev_sample, gaussian_log_prob(prev_sample, mean, std, noise_block), mean, std)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,12 +315,13 @@ class DDIMLogProbSampler:
         adapter: the pipeline adapter.
         num_steps: sampling steps N.
         eta: η of every stochastic step.
+        noise_block: f of the block exploration noise (1: per-element noise; see the module docstring).
 
     Example:
         >>> sampler = DDIMLogProbSampler(PipelineAdapter(pipe), num_steps=50, eta=1.0)
     """
 
-    def __init__(self, adapter: PipelineAdapter, num_steps: int, eta: float = 1.0) -> None:
+    def __init__(self, adapter: PipelineAdapter, num_steps: int, eta: float = 1.0, noise_block: int = 1) -> None:
         from .sampling import make_scheduler
 
         if not isinstance(num_steps, int) or num_steps < 1:
@@ -256,6 +332,7 @@ class DDIMLogProbSampler:
         self.scheduler.set_timesteps(num_steps, device=adapter.device)
         self.num_steps = num_steps
         self.noise = float(eta)
+        self.noise_block = check_noise_block(noise_block)
         self.init_noise_sigma = float(self.scheduler.init_noise_sigma)
 
     def model_time(self, step: torch.Tensor) -> torch.Tensor:
@@ -263,7 +340,8 @@ class DDIMLogProbSampler:
         return self.scheduler.timesteps.to(step.device)[step]
 
     def step(self, pred, step, x, noise, prev_sample=None, generator=None) -> StepLogProb:
-        return ddim_step_logprob(self.scheduler, pred, self.model_time(step), x, noise, prev_sample, generator)
+        return ddim_step_logprob(self.scheduler, pred, self.model_time(step), x, noise, prev_sample, generator,
+                                 self.noise_block)
 
 
 class FlowLogProbSampler:
@@ -276,6 +354,7 @@ class FlowLogProbSampler:
         kind: ``sde`` or ``cps``.
         time_scale: model time = σ · time_scale (1000 for diffusers' SD3 / FLUX transformers).
         timesteps: (N,) the scheduler's own model times, used instead of σ · time_scale when given.
+        noise_block: f of the block exploration noise (1: per-element noise; see the module docstring).
 
     Example:
         >>> sched.set_timesteps(10); sampler = FlowLogProbSampler(sched.sigmas, noise_level=0.7)
@@ -283,7 +362,7 @@ class FlowLogProbSampler:
 
     def __init__(
         self, sigmas: torch.Tensor, noise_level: float = 0.7, kind: str = "sde", time_scale: float = 1000.0,
-        timesteps: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None, noise_block: int = 1,
     ) -> None:
         sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
         if sigmas.numel() < 2 or not bool((sigmas[1:] < sigmas[:-1]).all()) or float(sigmas[0]) > 1 or float(sigmas[-1]) < 0:
@@ -298,6 +377,7 @@ class FlowLogProbSampler:
         self.num_steps = sigmas.numel() - 1
         self.noise = float(noise_level)
         self.kind = kind
+        self.noise_block = check_noise_block(noise_block)
         self.time_scale = float(time_scale)
         self.sigma_max = float(sigmas[1]) if sigmas.numel() > 2 else float(sigmas[0])
         self.init_noise_sigma = 1.0
@@ -312,7 +392,8 @@ class FlowLogProbSampler:
 
     def step(self, pred, step, x, noise, prev_sample=None, generator=None) -> StepLogProb:
         sig = self.sigmas.to(x.device)
-        return flow_step_logprob(pred, sig[step], sig[step + 1], x, noise, self.kind, self.sigma_max, prev_sample, generator)
+        return flow_step_logprob(pred, sig[step], sig[step + 1], x, noise, self.kind, self.sigma_max, prev_sample, generator,
+                                 self.noise_block)
 
 
 Sampler = DDIMLogProbSampler | FlowLogProbSampler
@@ -420,17 +501,20 @@ def denoiser_predictor(
 
 
 def make_sampler(
-    adapter: PipelineAdapter, num_steps: int, noise: float, kind: str = "sde", resolution: int | None = None
+    adapter: PipelineAdapter, num_steps: int, noise: float, kind: str = "sde", resolution: int | None = None,
+    noise_block: int = 1,
 ) -> Sampler:
     """The log-prob sampler of `adapter`'s family: DDIM (η = `noise`) for ε/v families, the flow SDE
-    (`kind` ``sde`` or ``cps``, noise level `noise`) over the pipeline's own sigma schedule for flow ones.
+    (`kind` ``sde`` or ``cps``, noise level `noise`) over the pipeline's own sigma schedule for flow ones;
+    `noise_block` f > 1 makes every stochastic step's noise block-constant (see the module docstring).
 
     Example:
         >>> sampler = make_sampler(PipelineAdapter(pipe), num_steps=10, noise=0.7)   # SD3: Flow-GRPO's SDE
     """
     if not getattr(adapter, "is_flow", False):
-        return DDIMLogProbSampler(adapter, num_steps, eta=noise)
+        return DDIMLogProbSampler(adapter, num_steps, eta=noise, noise_block=noise_block)
     sched = type(adapter.scheduler).from_config(adapter.scheduler.config)
     adapter.set_timesteps(sched, num_steps, resolution)
     sigmas = sched.sigmas.float().cpu()
-    return FlowLogProbSampler(sigmas, noise_level=noise, kind=kind, timesteps=sched.timesteps.float().cpu())
+    return FlowLogProbSampler(sigmas, noise_level=noise, kind=kind, timesteps=sched.timesteps.float().cpu(),
+                              noise_block=noise_block)

@@ -22,16 +22,19 @@ def test_probe_refuses_a_bad_window(capsys):
     assert "--window must be START,SIZE" in capsys.readouterr().err
 
 
-def test_probe_snr_on_the_toy_world(tmp_path, capsys):
+@pytest.mark.parametrize("block", [1, 4])
+def test_probe_snr_on_the_toy_world(block, tmp_path, capsys):
     """Two groups of two rollouts: the signal share is a cosine-like ratio in [-1, 1] (it is NaN if the LoRA gets
-    no gradient), and the ceiling is 1 / (1 + D / G) with D = 1 trained step x 256 latent elements."""
+    no gradient), and the ceiling is 1 / (1 + D / G) with D = 1 trained step x 256 latent elements / f^2 (block
+    noise of f x f latent blocks)."""
     import json
     import math
 
     from examples.benchmarks.policy_gradient_probe import main as probe
 
     assert probe(["snr", "--reward", "soft", "--window", "0,1", "--group", "2", "--prompts", "2", "--epochs", "1",
-                  "--out", str(tmp_path)]) == 0
+                  "--noise-block", str(block), "--out", str(tmp_path)]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["result"]
     assert res["groups"] == 2 and math.isfinite(res["s_group"]) and -1 <= res["s_group"] <= 1
-    assert res["ceiling_linear_reward"] == round(1 / (1 + 256 / 2), 4)
+    assert res["noise_dims"] == 256 // block**2
+    assert res["ceiling_linear_reward"] == round(1 / (1 + 256 / block**2 / 2), 4)

@@ -6,7 +6,9 @@ One **epoch** (``train.max_steps`` counts epochs; checkpoints and validation are
 
 1. Rollout: `method.prompts_per_epoch` prompts, each sampled `method.group_size` (G) times with a
    stochastic sampler that records every transition's log-prob (`sampling_logprob.py`: DDIM η > 0 for
-   ``ddpo``, the flow SDE or CPS for ``grpo``). Samples are split across processes.
+   ``ddpo``, the flow SDE or CPS for ``grpo``; ``sampling.noise_block`` f > 1 makes each step's noise
+   block-constant over f x f latent blocks and scores the block means, a lower-variance option). Samples are
+   split across processes.
 2. Rewards: any `RewardModel` / `CompositeReward`, scored in batches on the decoded images. A NaN or
    infinite reward marks its sample invalid: it is dropped from the statistics and from training and
    counted (``reward/nan_count``), never propagated.
@@ -54,7 +56,15 @@ from ..monitor import MonitorHook, MonitorSection, check_monitor, image_embedder
 from ..pipelines import PromptEmbeds
 from ..plots import plot_metrics
 from ..policy_losses import PerPromptStatTracker, group_advantages, ppo_clip_loss
-from ..sampling_logprob import Trajectory, denoiser_predictor, gaussian_kl, make_sampler, rollout, transition
+from ..sampling_logprob import (
+    Trajectory,
+    check_noise_block,
+    denoiser_predictor,
+    gaussian_kl,
+    make_sampler,
+    rollout,
+    transition,
+)
 from .common import (
     JsonlLogger,
     LoraSection,
@@ -164,6 +174,13 @@ class PGSamplingSection:
         eta: DDIM's η for ``ddpo`` (1.0 = DDPM's variance).
         noise_level: the flow SDE's `a` (Flow-GRPO: 0.7) or CPS's η.
         flow_kind: ``sde`` (Flow-GRPO) or ``cps`` (coefficients-preserving sampling).
+        noise_block: block exploration noise, an opt-in variance reduction (both methods, every step
+            rule): f > 1 draws each stochastic step's noise at latent resolution h/f x w/f and
+            nearest-upsamples it, so every element keeps its std but the noise has k = C·h·w/f² dimensions,
+            and the log-probs (rollout, ratio, KL) are those of the f x f block means. It lowers the D in the
+            score-function ceiling 1/(1 + D/G) by f²; its bias: the within-block detail of the transition
+            mean gets no gradient. 1 (default) is the ordinary per-element noise. Must divide the latent
+            height and width.
         batch_size: rollout images per process per denoising batch.
         reward_batch_size: images per reward call.
     """
@@ -174,6 +191,7 @@ class PGSamplingSection:
     eta: float = 1.0
     noise_level: float = 0.7
     flow_kind: str = "sde"
+    noise_block: int = 1
     batch_size: int = 8
     reward_batch_size: int = 16
 
@@ -218,6 +236,7 @@ def check_policy(method: PolicySection, sampling: PGSamplingSection, num_prompts
         v = getattr(sec, key.split(".")[1])
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{key} must be a positive integer; got {v!r}.")
+    check_noise_block(sampling.noise_block, key="sampling.noise_block")
     if method.group_size == 1 and method.advantage == "group":
         raise ValueError(
             "method.group_size is 1: a group-relative advantage compares the G samples of one prompt, so a "
@@ -362,7 +381,9 @@ class PolicyGradientTrainer:
             pipe.vae.to(dtype=torch.float32)
         self.resolution = config.model.resolution or self.adapter.default_resolution
         noise = s.eta if m.name == "ddpo" else s.noise_level
-        self.sampler = make_sampler(self.adapter, s.num_steps, noise, s.flow_kind, self.resolution)
+        check_noise_block(s.noise_block, self._latent_shape(), "sampling.noise_block")
+        # rollouts and the ratio's recomputation both go through self.sampler, so both use the block rule
+        self.sampler = make_sampler(self.adapter, s.num_steps, noise, s.flow_kind, self.resolution, s.noise_block)
         self.eval_sampler = make_sampler(self.adapter, s.eval_num_steps or s.num_steps, noise, s.flow_kind, self.resolution)
         self.has_noise = self._noisy_steps(self.sampler)
         if not bool(self.has_noise.any()):
@@ -413,7 +434,8 @@ class PolicyGradientTrainer:
     @staticmethod
     def _noisy_steps(sampler) -> torch.Tensor:
         """(N,) bool: steps whose transition has a positive std (CPS's and some DDIM last steps have none)."""
-        x = torch.zeros(1, 1, 1, 1)
+        f = getattr(sampler, "noise_block", 1)
+        x = torch.zeros(1, 1, f, f)
         out = []
         for i in range(sampler.num_steps):
             st = sampler.step(torch.zeros_like(x), torch.tensor([i]), x, sampler.noise, prev_sample=x)
@@ -636,7 +658,7 @@ class PolicyGradientTrainer:
                                                       weights=weight)
                             if m.kl_weight > 0:
                                 ref = self._reference_mean(x, nxt, st, cond, uncond, m.train_cfg)
-                                kl = (gaussian_kl(out.mean, ref, out.std) * weight).sum()
+                                kl = (gaussian_kl(out.mean, ref, out.std, self.sampler.noise_block) * weight).sum()
                                 loss = loss + m.kl_weight * kl
                                 sums["kl"] = sums.get("kl", 0.0) + float(kl.detach())
                             acc.backward(loss * scale * t.gradient_accumulation_steps)  # accelerate divides by it

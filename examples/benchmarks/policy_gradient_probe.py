@@ -6,7 +6,8 @@ advantages, the trained steps' log-probs) on the LoRA, for `--epochs` x `--promp
 ``s = mean_{i != j} g_i . g_j / mean_i |g_i|^2``. Independent groups make the numerator an unbiased estimate
 of |E g|^2, so s is the share of a group gradient's squared norm that is signal. An update over n groups then
 points at the true gradient with cosine sqrt(n s / (1 + n s)). For a reward linear in the step noise, no
-score-function estimator does better than s = 1 / (1 + D / G), D = trained steps x latent elements.
+score-function estimator does better than s = 1 / (1 + D / G), D = trained steps x latent elements
+(``--noise-block f``: block-constant step noise, D = trained steps x latent elements / f^2).
 
 ``curve``: the efficacy entry's `policy_gradient` / `flow_grpo` setup, trained epoch by epoch and judged by
 the benchmark's `evaluate` (held-out captions and seeds) at each of ``--evals`` epochs. Every draw of the
@@ -68,7 +69,8 @@ def build_trainer(args, ctx: Context, epochs: int, pipe):
                              prompts_per_epoch=args.prompts, clip_range=args.clip_range,
                              shared_noise=not args.independent_noise, global_std=args.global_std, **steps),
         sampling=PGSamplingSection(num_steps=ctx.steps, guidance_scale=ctx.guidance, eta=args.eta,
-                                   noise_level=args.noise_level, flow_kind="sde", batch_size=64, reward_batch_size=64),
+                                   noise_level=args.noise_level, flow_kind="sde", noise_block=args.noise_block,
+                                   batch_size=64, reward_batch_size=64),
         reward=RewardSection(terms=REWARDS[args.reward], normalize=False),
         data=DataSection(prompts=world.train_prompts(), val_prompts=world.train_prompts()[:2]),
     )
@@ -109,7 +111,9 @@ def snr(args, ctx: Context) -> dict:
     s = float((gram.sum() - gram.diag().sum()) / (k * (k - 1)) / gram.diag().mean())
     trained = steps.shape[1]
     latent = int(torch.tensor(tr._latent_shape()).prod())
-    return {"s_group": round(s, 4), "groups": k, "ceiling_linear_reward": round(1 / (1 + trained * latent / args.group), 4),
+    dims = trained * latent // args.noise_block**2  # the step noise's dimensions the log-probs credit
+    return {"s_group": round(s, 4), "groups": k, "noise_dims": dims,
+            "ceiling_linear_reward": round(1 / (1 + dims / args.group), 4),
             "cosine_per_64_image_update": round((64 / args.group * max(s, 0) / (1 + 64 / args.group * max(s, 0))) ** 0.5, 3)}
 
 
@@ -148,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=6, help="snr: rollout rounds (groups = epochs x prompts)")
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--noise-level", type=float, default=0.7)
+    p.add_argument("--noise-block", type=int, default=1, help="sampling.noise_block f: step noise drawn at latent "
+                                                              "size / f and upsampled (1: per-element noise)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--clip-range", type=float, default=1e-2)

@@ -10,9 +10,10 @@ EXACT_TERMS = {f"toyworld-exact:{d}": 1.0 for d in ("color", "shape", "position"
 
 
 def policy_gradient(ctx: Context, name: str, terms: dict, epochs: int, lr: float, group: int = 8, prompts: int = 8,
-                    clip_range: float = 1e-4, batch: int = 16, **method_kw) -> dict:
+                    clip_range: float = 1e-4, batch: int = 16, noise_block: int = 1, **method_kw) -> dict:
     """DDPO with LoRA: DDIM eta = 1 rollouts of `prompts` training captions x `group` seeds per epoch,
-    group-relative advantages, PPO clipping, `batch` samples per update; `method_kw` go to `PolicySection`
+    group-relative advantages, PPO clipping, `batch` samples per update, step noise block-constant over
+    `noise_block` x `noise_block` latent blocks (`sampling.noise_block`); `method_kw` go to `PolicySection`
     (trained steps, window, shared starting noise, ...)."""
     from alignment.trainers.policy_gradient import (
         PGSamplingSection,
@@ -27,8 +28,8 @@ def policy_gradient(ctx: Context, name: str, terms: dict, epochs: int, lr: float
         model=model, lora=lora, train=train,
         method=PolicySection(name="ddpo", group_size=group, prompts_per_epoch=prompts, clip_range=clip_range,
                              **method_kw),
-        sampling=PGSamplingSection(num_steps=ctx.steps, guidance_scale=ctx.guidance, eta=1.0, batch_size=64,
-                                   reward_batch_size=64),
+        sampling=PGSamplingSection(num_steps=ctx.steps, guidance_scale=ctx.guidance, eta=1.0, noise_block=noise_block,
+                                   batch_size=64, reward_batch_size=64),
         reward=RewardSection(terms=terms, normalize=False),
         data=DataSection(prompts=world.train_prompts(), val_prompts=world.train_prompts()[:2]),
     )
