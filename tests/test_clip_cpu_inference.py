@@ -9,10 +9,8 @@ from reward_plugins.rewards.pickscore import PickScore
 from reward_plugins.testing import random_images, seeded
 from reward_plugins.tokenization import tiny_clip_tokenizer
 
-pytestmark = [
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.skipif(not clip_cpu_inference._mkldnn_bf16(), reason="this CPU has no oneDNN bf16 support"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
+onednn_bf16 = pytest.mark.skipif(not clip_cpu_inference._mkldnn_bf16(), reason="this CPU has no oneDNN bf16 support")
 
 
 # Weights scaled up from init (std 0.02) so the attention and MLP change the residual stream a lot.
@@ -43,6 +41,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().mean() / b.float().abs().mean())
 
 
+@onednn_bf16
 @pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
 @pytest.mark.parametrize("fn", [image_embeds, image_tokens])
 def test_fast_path_matches_transformers_to_bf16_rounding(act, fn):
@@ -74,6 +73,7 @@ def test_not_used_for_fp32_or_with_gradients():
     assert not clip_cpu_inference.applies(model.vision_model, px.bfloat16())
 
 
+@onednn_bf16
 def test_weights_changed_in_place_are_repacked():
     model = tiny().bfloat16()
     px = pixels(2).bfloat16()
@@ -99,6 +99,7 @@ def test_pickscore_bf16_scores_follow_the_transformers_path():
     assert torch.isfinite(fast).all() and rel(fast, hf) < 0.03
 
 
+@onednn_bf16
 @pytest.mark.parametrize("fn", [image_embeds, image_tokens])
 def test_the_batch_runs_in_chunks_of_images_with_the_same_result(fn, monkeypatch):
     model = tiny().bfloat16()
@@ -112,3 +113,35 @@ def test_the_batch_runs_in_chunks_of_images_with_the_same_result(fn, monkeypatch
         chunked = fn(model, px)
     assert calls == [2, 2, 1]
     assert chunked.shape == whole.shape and torch.equal(chunked, whole)
+
+
+@pytest.fixture
+def no_bf16_isa(monkeypatch):
+    """The path of CPUs without bf16 instructions (fp32 math), on any CPU."""
+    monkeypatch.setattr(clip_cpu_inference, "_mkldnn_bf16", lambda: False)
+
+
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+@pytest.mark.parametrize("fn", [image_embeds, image_tokens])
+def test_without_bf16_instructions_the_bf16_tower_is_computed_in_fp32(act, fn, no_bf16_isa, monkeypatch):
+    model = tiny(act).bfloat16()
+    px = pixels(5).bfloat16()
+    ref = plain(tiny(act).bfloat16().float(), px.float(), fn)  # the same bf16 weights and pixels in fp32
+    with torch.no_grad():
+        assert clip_cpu_inference.applies(model.vision_model, px)
+        monkeypatch.setattr(clip_cpu_inference, "CHUNK_TOKENS", 100)  # 2 images per chunk: 2 + 2 + 1
+        fast = fn(model, px)
+    hf = plain(model, px, fn)
+    assert fast.shape == hf.shape == ref.shape and fast.dtype == hf.dtype == torch.bfloat16
+    # Rounded to bf16 once (output and projection) instead of after every op: ~1/4 of transformers' error.
+    err_fast, err_hf = rel(fast, ref), rel(hf, ref)
+    assert err_hf < 0.03 and err_fast < 0.25 * err_hf and err_fast < 4e-3, (err_fast, err_hf)
+    assert model.vision_model not in clip_cpu_inference._CACHE  # no packed copy on this path
+
+
+def test_without_bf16_instructions_other_image_sizes_go_to_transformers(no_bf16_isa):
+    model = tiny().bfloat16()
+    with torch.no_grad():
+        assert clip_cpu_inference.applies(model.vision_model, pixels(1).bfloat16())
+        assert not clip_cpu_inference.applies(model.vision_model, torch.zeros(1, 3, 112, 224, dtype=torch.bfloat16))
+        assert not clip_cpu_inference.applies(model.float().vision_model, pixels(1))  # fp32: transformers
