@@ -7,7 +7,9 @@ advantages, the trained steps' log-probs) on the LoRA, for `--epochs` x `--promp
 of |E g|^2, so s is the share of a group gradient's squared norm that is signal. An update over n groups then
 points at the true gradient with cosine sqrt(n s / (1 + n s)). For a reward linear in the step noise, no
 score-function estimator does better than s = 1 / (1 + D / G), D = trained steps x latent elements
-(``--noise-block f``: block-constant step noise, D = trained steps x latent elements / f^2).
+(``--noise-block f``: block-constant step noise, D = trained steps x latent elements / f^2). Also printed:
+``s_se``, the jackknife standard error of s over groups, and ``reward_group_std``, the mean within-group std of
+the reward (how much the credited step noise moves it).
 
 ``curve``: the efficacy entry's `policy_gradient` / `flow_grpo` setup, trained epoch by epoch and judged by
 the benchmark's `evaluate` (held-out captions and seeds) at each of ``--evals`` epochs. Every draw of the
@@ -85,13 +87,14 @@ def snr(args, ctx: Context) -> dict:
     from alignment.sampling_logprob import transition
 
     tr = build_trainer(args, ctx, 1, load_base(base=args.base))
-    grads = []
+    grads, spreads = [], []
     for e in range(args.epochs):
         ro = tr.sample_epoch(100 + e)
         adv, _, _ = tr.advantages(ro)
         steps = tr._trained_steps(100 + e, args.group * args.prompts, torch.Generator().manual_seed(e))
         for g in torch.unique(ro.groups).tolist():
             rows = torch.nonzero(ro.groups == g).flatten()
+            spreads.append(float(ro.rewards[rows].std(unbiased=False)))
             a = adv[rows].clamp(-5, 5)
             tr.optimizer.zero_grad(set_to_none=True)
             if float(a.abs().sum()) == 0:  # a group whose rewards agree has no gradient
@@ -108,11 +111,18 @@ def snr(args, ctx: Context) -> dict:
     gm = torch.stack([x if x is not None else torch.zeros(width) for x in grads]).double()
     gram = gm @ gm.T
     k = gram.shape[0]
-    s = float((gram.sum() - gram.diag().sum()) / (k * (k - 1)) / gram.diag().mean())
+    off, diag = gram.sum() - gram.diag().sum(), gram.diag()
+    s = float(off / (k * (k - 1)) / diag.mean())
+    se = None  # jackknife over groups (leave one group out): the standard error of s, from 3 groups
+    if k >= 3:
+        row_off = gram.sum(1) - diag
+        loo = ((off - 2 * row_off) / ((k - 1) * (k - 2))) / ((diag.sum() - diag) / (k - 1))
+        se = round(float(((k - 1) / k * ((loo - loo.mean()) ** 2).sum()).sqrt()), 4)
     trained = steps.shape[1]
     latent = int(torch.tensor(tr._latent_shape()).prod())
     dims = trained * latent // args.noise_block**2  # the step noise's dimensions the log-probs credit
-    return {"s_group": round(s, 4), "groups": k, "noise_dims": dims,
+    return {"s_group": round(s, 4), "s_se": se, "groups": k, "noise_dims": dims,
+            "reward_group_std": round(sum(spreads) / len(spreads), 4),
             "ceiling_linear_reward": round(1 / (1 + dims / args.group), 4),
             "cosine_per_64_image_update": round((64 / args.group * max(s, 0) / (1 + 64 / args.group * max(s, 0))) ** 0.5, 3)}
 
