@@ -8,9 +8,10 @@ Methods (``method.name``):
   (``method.rwr_weighting``, see `alignment.losses.rwr_weights`): ``raw`` is Lee et al. 2023's
   reward-weighted likelihood (the reward itself, in [0, 1], as the weight), used with ``rwr_samples: base``
   (samples of the frozen base model, standing in for their offline set generated once by the pretrained
-  model) and ``prior_weight`` > 0 (their pre-training term; here on base-model samples, not real
-  pre-training data); ``softmax`` (batch-normalised exp(r/τ)) and ``exp`` (clipped exp((r − mean)/τ),
-  advantage-weighted regression, Peng et al. 2019) are online variants on the policy's own samples that
+  model) and ``prior_weight`` > 0 (their pre-training term: ``prior_source: data`` fits real, correctly
+  captioned images from ``prior_data``; ``base`` stands in with base-model samples); ``softmax``
+  (batch-normalised exp(r/τ)) and ``exp`` (clipped exp((r − mean)/τ), advantage-weighted regression,
+  Peng et al. 2019) are online variants on the policy's own samples that
   Lee et al. do not use. ``rwr_samples: pool`` is the offline recipe of Lee et al. and RAFT (Dong et al.
   2023): the frozen base model's images of every training prompt drawn and scored once before training
   (``rwr_pool_size`` per prompt), weighted within each prompt's images (``topk``: keep the best
@@ -113,7 +114,7 @@ from .common import (
 METHODS = ("rwr", "draft", "draft-lv", "alignprop", "refl")
 TRUNCATIONS = ("uniform", "gaussian")
 GRADIENT_METHODS = ("draft", "draft-lv", "alignprop", "refl")
-PRIOR_SOURCES = ("base", "samples")
+PRIOR_SOURCES = ("base", "samples", "data")
 RWR_SAMPLES = ("policy", "base", "pool")
 RWR_TARGETS = ("conditional", "guided")
 METRICS_FILE = "metrics.jsonl"
@@ -216,8 +217,15 @@ class MethodSection:
             whose mean is no baseline for any one of them: rewards that differ between prompts (the learned
             toy-world CLIP's do) then weight prompts rather than samples.
         prior_weight: RWR's unweighted prior term λ (0 disables).
-        prior_source: ``base`` (fresh samples of the base model, adapter off) or ``samples`` (the same
-            samples, unweighted).
+        prior_source: ``base`` (fresh samples of the base model, adapter off), ``samples`` (the same
+            samples, unweighted) or ``data``: Lee et al. 2023's pre-training term, the plain denoising loss on
+            real, correctly captioned images (`prior_data`), each step `batch_size` of them drawn uniformly
+            with their own captions (at the same training timesteps, `rwr_timestep_range` included).
+        prior_data: ``prior_source: data``, the images: a folder of images with ``prompts.txt`` (one line
+            per image in file-name order, or one shared line) or a JSON/JSONL file of ``{"image", "prompt"}``
+            records (paths relative to its folder), as `alignment.evaluation.loaders.load_images_folder`
+            reads. They are centre-cropped to squares, resized (bilinear) to the model's resolution and
+            encoded once (the VAE posterior mean) when the trainer is built, and held on the CPU.
         anchor_weight: weight of an L2 anchor, the mean squared difference between the trained and the base
             model's predictions on the steps that keep gradients (0 disables), logged as ``anchor_l2``. It is
             not a KL: with DDIM η = 0 there is no transition density, and for stochastic samplers the per-step
@@ -247,6 +255,7 @@ class MethodSection:
     rwr_timestep_range: list[float] | None = None
     prior_weight: float = 0.0
     prior_source: str = "base"
+    prior_data: str | None = None
     anchor_weight: float = 0.0
 
 
@@ -368,6 +377,14 @@ def check_method(method: MethodSection, sampling: SamplingSection) -> None:
         raise ValueError(f"method.rwr_reencode must be true or false; got {method.rwr_reencode!r}.")
     if method.prior_source not in PRIOR_SOURCES:
         raise ValueError(f"method.prior_source must be one of {PRIOR_SOURCES}; got {method.prior_source!r}.")
+    if method.prior_source == "data" and not method.prior_data:
+        raise ValueError("method.prior_source=data needs method.prior_data (a folder of images with prompts.txt, or a "
+                         "JSON/JSONL of {\"image\", \"prompt\"} records).")
+    if method.prior_data and method.prior_source != "data":
+        raise ValueError(f"method.prior_data is set but method.prior_source={method.prior_source!r}; set "
+                         "prior_source to data (or drop prior_data).")
+    if method.prior_source == "data" and not method.prior_weight > 0:
+        raise ValueError("method.prior_source=data with method.prior_weight=0 never uses the data; set prior_weight > 0.")
     for key in ("prior_weight", "anchor_weight"):
         if getattr(method, key) < 0:
             raise ValueError(f"method.{key} must be >= 0; got {getattr(method, key)}.")
@@ -573,6 +590,9 @@ class RewardFinetuner:
         self.monitor = MonitorHook(config.monitor, self.output_dir, self.accelerator, embed=image_embedder(self.reward))
         self._val_batch: tuple[torch.Tensor, list[str], list[int]] | None = None
         self._rwr_pool: dict | None = None  # rwr_samples: pool, built before the first RWR step
+        self._prior_data: dict | None = None  # prior_source: data, the encoded real images
+        if config.method.name == "rwr" and config.method.prior_weight > 0 and config.method.prior_source == "data":
+            self._prior_data = self._load_prior_data(config.method.prior_data)
 
     # -- checks --------------------------------------------------------------------------------------
     def _check_sharding(self, config: RewardFinetuneConfig) -> None:
@@ -723,6 +743,35 @@ class RewardFinetuner:
         return self.adapter.encode_images(images, sample=False).float()
 
     @torch.no_grad()
+    def _load_prior_data(self, path: str) -> dict:
+        """``prior_source: data``: the images of `path` (see `MethodSection.prior_data`), centre-cropped, resized
+        to the model's resolution and encoded (posterior mean), with their captions, on the CPU."""
+        import torch.nn.functional as F
+
+        from alignment.evaluation.loaders import load_images_folder
+        from alignment.evaluation.scoring import decode_image
+
+        if not Path(path).exists():
+            raise ValueError(f"method.prior_data={path!r} does not exist (a folder with prompts.txt, or a JSON/JSONL file).")
+        ds = load_images_folder(path)
+        if not ds.images:
+            raise ValueError(f"method.prior_data={path!r} holds no image.")
+        res, lats = self.resolution, []
+        for i in range(0, len(ds.images), 64):
+            batch = []
+            for ref in ds.images[i : i + 64]:
+                x = decode_image(ref).float() / 255.0
+                h, w = x.shape[1:]
+                side = min(h, w)
+                x = x[:, (h - side) // 2 : (h - side) // 2 + side, (w - side) // 2 : (w - side) // 2 + side]
+                if side != res:
+                    x = F.interpolate(x[None], size=(res, res), mode="bilinear", antialias=True, align_corners=False)[0]
+                batch.append(x)
+            images = torch.stack(batch).to(self.accelerator.device, self.pipe.vae.dtype)
+            lats.append(self._reencode(images).cpu())
+        return {"latents": torch.cat(lats), "prompts": [ds.prompt_of(i) for i in range(len(ds.images))]}
+
+    @torch.no_grad()
     def _build_rwr_pool(self) -> dict:
         """``rwr_samples: pool``: every training prompt's `rwr_pool_size` base-model images, scored and weighted
         within the prompt; the kept entries (weight > 0) with their weights rescaled to mean 1, on the CPU."""
@@ -790,6 +839,14 @@ class RewardFinetuner:
         if m.prior_weight > 0:
             if m.prior_source == "samples":
                 prior_pred, prior_target = pred, target
+            elif m.prior_source == "data":  # Lee et al.'s pre-training term: real images, their own captions
+                data = self._prior_data
+                g2 = _generator(self.cfg.train.seed, step, self.accelerator.process_index, micro, 8)
+                idx = torch.randint(len(data["prompts"]), (self.cfg.train.batch_size,), generator=g2)
+                p_cond, p_uncond = self._encode([data["prompts"][i] for i in idx.tolist()])
+                p_guided = p_uncond if guided is not None else None
+                prior_pred, prior_target, _, _ = self._denoising_pred(data["latents"][idx].to(latents.device), p_cond, g2,
+                                                                      p_guided)
             else:
                 g2 = _generator(self.cfg.train.seed, step, self.accelerator.process_index, micro, 3)
                 base_latents, base_images = self.generate(prompts, g2, base=True)

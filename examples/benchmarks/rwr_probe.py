@@ -4,7 +4,9 @@ loss (`RewardFinetuner._denoising_pred`, uniform weights) does to the held-out e
 Sources: ``policy`` (the model's own CFG-7 samples, online), ``base`` (fresh base-model samples), ``basert`` (the same
 decoded and re-encoded by the VAE), ``base_g1`` (base samples at CFG 1), ``real`` (rendered scenes with their true
 captions: a control, not RWR) and ``pool`` (an offline pool: `pool_n` base images per training caption, re-encoded,
-the best `keep_k` by the learned reward `toyworld-clip` kept). Each run is a JSON object of `run`'s arguments;
+the best `keep_k` by the learned reward `toyworld-clip` kept); ``trainer`` runs the trainer's own steps
+(`RewardFinetuner.train_step`, its pool and loss, the method settings in `mkw`, training seed `seed`), i.e. the
+efficacy entry judged along one run. Each run is a JSON object of `run`'s arguments;
 the numbers quoted in `efficacy_methods/rwr.py` came from runs like
 
     python examples/benchmarks/rwr_probe.py '[{"source": "basert", "steps": 30, "eval_at": [30]}]'
@@ -34,9 +36,9 @@ from reward_plugins import create_reward  # noqa: E402
 CACHE = Path("outputs/rwr_probe")
 
 
-def make_trainer(steps, lr, batch, tag, lora_kw=None, **mkw):
+def make_trainer(steps, lr, batch, tag, lora_kw=None, seed=0, **mkw):
     """The efficacy entry's RWR trainer (`toyworld-clip`, uniform weights unless `mkw` says otherwise)."""
-    ctx = Context(pipe=models.load_pipeline(), workdir=CACHE / "work", steps=10, guidance=7.0, scale=1.0)
+    ctx = Context(pipe=models.load_pipeline(), workdir=CACHE / "work", steps=10, guidance=7.0, scale=1.0, seed=seed)
     return reward_finetune_trainer(ctx, "rwr", "toyworld-clip", steps, lr, batch, work_name=tag, lora_kw=lora_kw,
                                    **{"rwr_weighting": "exp", "rwr_temperature": 1e6, **mkw})
 
@@ -83,11 +85,22 @@ def build_pool(tr, pool_n, keep_k, rt=True):
     print(f"pool {pool_n} keep {keep_k}: kept exact (gen images) c/s/p/o {[round(float(v), 3) for v in ke.float().mean(0)]}", flush=True)
     return kl, [p for p in tr.prompts for _ in range(keep_k)]
 
-def run(source, steps=30, lr=5e-4, batch=16, uncond_p=0.0, eval_at=(), tag="p", pool_n=16, keep_k=2, rt=True, mkw=None, cosine=False, lora_kw=None):
-    tr = make_trainer(steps, lr, batch, tag, lora_kw=lora_kw, **(mkw or {}))
+def run(source, steps=30, lr=5e-4, batch=16, uncond_p=0.0, eval_at=(), tag="p", pool_n=16, keep_k=2, rt=True, mkw=None, cosine=False, lora_kw=None, seed=0):
+    tr = make_trainer(steps, lr, batch, tag, lora_kw=lora_kw, seed=seed, **(mkw or {}))
     print("trainable", sum(p.numel() for p in tr.params), flush=True)
-    out = {"source": source, "steps": steps, "lr": lr, "uncond_p": uncond_p, "pool": [pool_n, keep_k, rt], "mkw": mkw, "cosine": cosine, "lora_kw": lora_kw, "evals": {}}
+    out = {"source": source, "steps": steps, "lr": lr, "uncond_p": uncond_p, "pool": [pool_n, keep_k, rt], "mkw": mkw, "cosine": cosine, "lora_kw": lora_kw, "seed": seed, "evals": {}}
     t0 = time.process_time()
+    if source == "trainer":  # the trainer's own RWR steps (its pool, weights, options in `mkw`): an efficacy run's curve
+        tr.unet.train()
+        while tr.step < steps:
+            tr.train_step()
+            if tr.step in eval_at:
+                tr.model.eval()
+                ev = evaluate(tr.pipe, "toyworld-clip", 10, 7.0)
+                tr.model.train()
+                out["evals"][tr.step] = {**{k: round(v, 3) for k, v in ev["exact"].items()}, "reward": round(ev["reward"], 2)}
+                print(source, tr.step, out["evals"][tr.step], f"cpu {time.process_time()-t0:.0f}", flush=True)
+        return out
     if source == "pool":
         pool_lat, pool_pr = build_pool(tr, pool_n, keep_k, rt)
         print(f"pool cpu {time.process_time()-t0:.0f}", flush=True)
@@ -114,8 +127,9 @@ def run(source, steps=30, lr=5e-4, batch=16, uncond_p=0.0, eval_at=(), tag="p", 
         if uncond_p:
             drop = torch.rand(batch, generator=g) < uncond_p
             tp = ["" if d else p for d, p in zip(drop.tolist(), prompts)]
-        cond, _ = tr._encode(tp)
-        pred, target, _, _ = tr._denoising_pred(lat, cond, g)
+        cond, uncond = tr._encode(tp)
+        guided = uncond if tr.cfg.method.rwr_target == "guided" else None  # as the trainer's `_rwr_step`
+        pred, target, _, _ = tr._denoising_pred(lat, cond, g, guided)
         loss = ((pred - target) ** 2).mean()
         if cosine:
             for gr in tr.optimizer.param_groups:
