@@ -3,6 +3,9 @@
 Times each op of one `_PackedLayer` on the chunks the tower runs (batch 16 as 4 chunks of 4 images, 257
 tokens each, random weights at full width), with its GFLOP/s, and the whole layer chunked, unchunked and
 as transformers' `CLIPEncoderLayer`. CPU time (user + system: page faults count), best of `--repeats`.
+On a CPU without oneDNN bf16 support (no AVX-512 BF16/AMX) the tower runs in fp32 math instead; there it
+times a one-layer ViT-H tower at batch 16 (patch embedding, layer, post-LN) that way, as transformers runs it
+in bf16 and in fp32, and one MLP matmul in bf16 and fp32.
 
     OMP_NUM_THREADS=1 python examples/benchmarks/clip_cpu_layer_profile.py --threads 1
 """
@@ -10,6 +13,7 @@ as transformers' `CLIPEncoderLayer`. CPU time (user + system: page faults count)
 from __future__ import annotations
 
 import argparse
+import copy
 import resource
 import sys
 from pathlib import Path
@@ -35,13 +39,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not clip_cpu_inference._mkldnn_bf16():
-        sys.exit("this CPU has no oneDNN bf16 support: the fast path does not run here")
     cfg = vit_h14_config()
     cfg.vision_config.num_hidden_layers = cfg.text_config.num_hidden_layers = 1
     with seeded(0):
         vision = build_clip(cfg).vision_model.bfloat16().eval().requires_grad_(False)
         h = torch.randn(4, 257, cfg.vision_config.hidden_size).bfloat16()
+    if not clip_cpu_inference._mkldnn_bf16():
+        return profile_fp32_math(vision, args.repeats)
     layer, p = vision.encoder.layers[0], clip_cpu_inference._packed(vision).layers[0]
     lin = torch.ops.mkldnn._linear_pointwise
     b, s, d = h.shape
@@ -90,6 +94,37 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<24}{best[name] * 1e3:9.1f} ms{100 * best[name] / total:7.1f} %{rate}")
     for name in wholes:
         print(f"{name:<24}{best[name] * 1e3:9.1f} ms")
+
+
+def profile_fp32_math(vision, repeats: int) -> None:
+    """CPUs without bf16 instructions: the one-layer tower in fp32 math (ours) against transformers'."""
+    cfg = vision.config
+    with seeded(1):
+        px = torch.randn(16, 3, cfg.image_size, cfg.image_size).bfloat16()
+        x = torch.randn(1028, cfg.hidden_size)
+        w = torch.randn(cfg.intermediate_size, cfg.hidden_size) * 0.02
+    vision32 = copy.deepcopy(vision).float()
+    runs = {
+        "ours (fp32 math), bf16 model": lambda: clip_cpu_inference.vision_forward(vision, px, pooled=False),
+        "transformers, bf16 model": lambda: vision(pixel_values=px).last_hidden_state,
+        "transformers, fp32 model": lambda: vision32(pixel_values=px.float()).last_hidden_state,
+        "fc1 matmul bf16 (F.linear)": lambda: F.linear(x.bfloat16(), w.bfloat16()),
+        "fc1 matmul fp32 (F.linear)": lambda: F.linear(x, w),
+    }
+    best: dict[str, float] = {}
+    with torch.no_grad():
+        assert clip_cpu_inference.applies(vision, px)
+        for _ in range(repeats):
+            for name, fn in runs.items():
+                t = cpu_s()
+                fn()
+                best[name] = min(best.get(name, float("inf")), cpu_s() - t)
+    print(f"this CPU has no oneDNN bf16 support: a bf16 tower runs in fp32 math; one-layer ViT-H/14 tower, batch 16 "
+          f"(4 chunks of 4 for ours), threads={torch.get_num_threads()}, torch={torch.__version__}")
+    flops = 2 * x.shape[0] * w.shape[0] * w.shape[1]
+    for name, t in best.items():
+        rate = f"{flops / t / 1e9:8.0f} GFLOP/s" if "matmul" in name else ""
+        print(f"{name:<32}{t * 1e3:9.1f} ms{rate}")
 
 
 if __name__ == "__main__":
