@@ -8,8 +8,8 @@ of |E g|^2, so s is the share of a group gradient's squared norm that is signal.
 points at the true gradient with cosine sqrt(n s / (1 + n s)). For a reward linear in the step noise, no
 score-function estimator does better than s = 1 / (1 + D / G), D = trained steps x latent elements
 (``--noise-block f``: block-constant step noise, D = trained steps x latent elements / f^2). Also printed:
-``s_se``, the jackknife standard error of s over groups, and ``reward_group_std``, the mean within-group std of
-the reward (how much the credited step noise moves it).
+``s_se``, the jackknife standard error of s over groups, ``reward_mean`` (the rollouts' mean reward) and
+``reward_group_std``, the mean within-group std of the reward (how much the credited step noise moves it).
 
 ``curve``: the efficacy entry's `policy_gradient` / `flow_grpo` setup, trained epoch by epoch and judged by
 the benchmark's `evaluate` (held-out captions and seeds) at each of ``--evals`` epochs. Every draw of the
@@ -87,7 +87,7 @@ def snr(args, ctx: Context) -> dict:
     from alignment.sampling_logprob import transition
 
     tr = build_trainer(args, ctx, 1, load_base(base=args.base))
-    grads, spreads = [], []
+    grads, spreads, means = [], [], []
     for e in range(args.epochs):
         ro = tr.sample_epoch(100 + e)
         adv, _, _ = tr.advantages(ro)
@@ -95,6 +95,7 @@ def snr(args, ctx: Context) -> dict:
         for g in torch.unique(ro.groups).tolist():
             rows = torch.nonzero(ro.groups == g).flatten()
             spreads.append(float(ro.rewards[rows].std(unbiased=False)))
+            means.append(float(ro.rewards[rows].mean()))
             a = adv[rows].clamp(-5, 5)
             tr.optimizer.zero_grad(set_to_none=True)
             if float(a.abs().sum()) == 0:  # a group whose rewards agree has no gradient
@@ -122,7 +123,7 @@ def snr(args, ctx: Context) -> dict:
     latent = int(torch.tensor(tr._latent_shape()).prod())
     dims = trained * latent // args.noise_block**2  # the step noise's dimensions the log-probs credit
     return {"s_group": round(s, 4), "s_se": se, "groups": k, "noise_dims": dims,
-            "reward_group_std": round(sum(spreads) / len(spreads), 4),
+            "reward_mean": round(sum(means) / len(means), 4), "reward_group_std": round(sum(spreads) / len(spreads), 4),
             "ceiling_linear_reward": round(1 / (1 + dims / args.group), 4),
             "cosine_per_64_image_update": round((64 / args.group * max(s, 0) / (1 + 64 / args.group * max(s, 0))) ** 0.5, 3)}
 

@@ -73,6 +73,16 @@ def ddpo(ctx: Context) -> dict:
     # clip at 1e-2 binding on 1-7 %) and wrecked it (0.035 at 1024 images); training step 0 only (D = 256,
     # s = 0.0135) wandered 0.188 -> 0.250 -> 0.118 at 1280 / 2560 / 3840 images. Per-group std vs global std
     # (0.0071) and eta 0.5 (no positive SNR) did not help. The entry keeps its measured setting.
+    # Third pass, block exploration noise (`sampling.noise_block` f: step noise block-constant over f x f latent
+    # blocks, log-probs of the block means; `policy_gradient_probe.py snr --reward soft --window 0,1 --noise-block
+    # f`, 48 groups, jackknife SE): f = 1 / 2 / 4 / 8: s = 0.0135 +- 0.010 / 0.0079 +- 0.010 / 0.0019 +- 0.010 /
+    # 0.057 +- 0.021 against ceilings 0.030 / 0.111 / 0.333 / 0.667; steps 0-3 with f = 2 (D = 256): 0.0014 +- 0.005;
+    # f = 8 with eta 1/8 (white noise's own block-mean scale): -0.007 +- 0.007. Lowering D does not raise s except at
+    # f = 8, whose per-channel shift (std 0.76 against ~0.125 for a channel mean of white noise) is off the
+    # sampler's distribution. Runs: f = 8, step 0, soft values, lr 2e-3 (`curve ... --noise-block 8 --evals
+    # 30,60,90`, stopped after 30): 0.188 -> 0.076 at 30 epochs (colour 0.26, shape 0.51, position 0.60, 222
+    # train CPU s); this entry's recipe with noise_block=2 (`efficacy.py --out outputs/pg/ddpo_nb2_early --method
+    # ddpo`, 593 CPU s): 0.188 -> 0.181 (colour 0.40, shape 0.53, position 0.69). Neither passes; not the entry.
     return policy_gradient(ctx, "ddpo", EXACT_TERMS, epochs=56, lr=2e-3, clip_range=1e-2, batch=32, **EARLY_STEPS)
 
 
