@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_helpers import Brightness
 
 from alignment.configs import load_config
 from alignment.trainers.common import read_jsonl
 from alignment.trainers.reward_finetune import GRADIENT_METHODS, RewardFinetuneConfig, RewardFinetuner
-from reward_plugins.base import RewardModel
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny" / "reward_draft.yaml"
@@ -30,18 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make_config(out, method="draft", *overrides) -> RewardFinetuneConfig:
     return load_config(RewardFinetuneConfig, TINY, [*FAST, f"method.name={method}", f"train.output_dir={out}", *overrides])
-
-
-class Brightness(RewardModel):
-    """A non-differentiable reward (scores computed from detached pixels)."""
-
-    dimensions = ("brightness",)
-    default_dimension = "brightness"
-    is_differentiable = False
-    requires_prompts = False
-
-    def compute(self, images, prompts):
-        return {"brightness": images.detach().mean((1, 2, 3))}
 
 
 _RUNS: dict = {}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_helpers import Brightness
 
 from alignment.configs import load_config
 from alignment.trainers.common import read_jsonl
@@ -18,7 +19,6 @@ from alignment.trainers.reward_finetune import (
     SamplingSection,
     check_method,
 )
-from reward_plugins.base import RewardModel
 
 ROOT = Path(__file__).resolve().parents[1]
 RWR = ROOT / "configs" / "tiny" / "reward_rwr.yaml"
@@ -28,22 +28,6 @@ FAST = ["train.validate_every=0", "train.save_every=0", "train.report_to=none", 
         "sampling.num_steps=2", "train.batch_size=4"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Brightness(RewardModel):
-    """Mean pixel value, minus `offset` (a non-differentiable reward whose sign the test controls)."""
-
-    dimensions = ("brightness",)
-    default_dimension = "brightness"
-    is_differentiable = False
-    requires_prompts = False
-
-    def __init__(self, offset: float = 0.0) -> None:
-        super().__init__()
-        self.offset = offset
-
-    def compute(self, images, prompts):
-        return {"brightness": images.detach().mean((1, 2, 3)) - self.offset}
 
 
 def config(tmp_path, *over) -> RewardFinetuneConfig:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from trainer_helpers import Brightness
 
 from alignment.configs import load_config
 from alignment.trainers.reward_finetune import (
@@ -20,7 +21,6 @@ from alignment.trainers.reward_finetune import (
     SamplingSection,
     check_method,
 )
-from reward_plugins.base import RewardModel
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["train.validate_every=0", "train.save_every=0", "train.report_to=none", "data.val_images_per_prompt=1",
@@ -28,18 +28,6 @@ FAST = ["train.validate_every=0", "train.save_every=0", "train.report_to=none", 
         "sampling.num_steps=2", "train.batch_size=4"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Brightness(RewardModel):
-    """Mean pixel value (a non-differentiable reward)."""
-
-    dimensions = ("brightness",)
-    default_dimension = "brightness"
-    is_differentiable = False
-    requires_prompts = False
-
-    def compute(self, images, prompts):
-        return {"brightness": images.detach().mean((1, 2, 3))}
 
 
 def config(tmp_path, *over) -> RewardFinetuneConfig:
