@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
+from trainer_helpers import CenterBright
 
 from alignment.sampling_logprob import (
     DDIMLogProbSampler,
@@ -14,7 +15,6 @@ from alignment.sampling_logprob import (
     gaussian_kl,
     gaussian_log_prob,
 )
-from reward_plugins.base import RewardModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,18 +110,6 @@ def test_a_bad_block_size_is_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="must be a positive integer"):
         FlowLogProbSampler(torch.linspace(1, 0, 5), noise_block=0)
     assert check_noise_block(4, (2, 4, 8, 12)) == 4
-
-
-class CenterBright(RewardModel):
-    """Non-differentiable: the share of the central 8x8 pixels whose grey level exceeds 0.5."""
-
-    is_differentiable = False
-    requires_prompts = False
-
-    def compute(self, images, prompts):
-        h, w = images.shape[-2:]
-        grey = images.mean(1)[:, h // 2 - 4:h // 2 + 4, w // 2 - 4:w // 2 + 4]
-        return {"score": (grey > 0.5).float().mean((1, 2))}
 
 
 def _cfg(*extra):

@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from trainer_helpers import CenterBright
 
 from alignment.configs import load_config
 from alignment.trainers.policy_gradient import PolicyGradientConfig, PolicyGradientTrainer
-from reward_plugins.base import RewardModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,18 +19,6 @@ FAST = [
     "method.prompts_per_epoch=2", "method.inner_epochs=1", "method.contact_sheet_every=0",
     "method.train_steps=all", "sampling.num_steps=2", "sampling.batch_size=4", "train.lr=1e-2",
 ]
-
-
-class CenterBright(RewardModel):
-    """Non-differentiable: the share of the central 8x8 pixels whose grey level exceeds 0.5."""
-
-    is_differentiable = False
-    requires_prompts = False
-
-    def compute(self, images, prompts):
-        h, w = images.shape[-2:]
-        grey = images.mean(1)[:, h // 2 - 4:h // 2 + 4, w // 2 - 4:w // 2 + 4]
-        return {"score": (grey > 0.5).float().mean((1, 2))}
 
 
 class SometimesNaN(CenterBright):

@@ -19,3 +19,15 @@ class Brightness(RewardModel):
 
     def compute(self, images, prompts):
         return {"brightness": images.detach().mean((1, 2, 3)) - self.offset}
+
+
+class CenterBright(RewardModel):
+    """Non-differentiable: the share of the central 8x8 pixels whose grey level exceeds 0.5."""
+
+    is_differentiable = False
+    requires_prompts = False
+
+    def compute(self, images, prompts):
+        h, w = images.shape[-2:]
+        grey = images.mean(1)[:, h // 2 - 4:h // 2 + 4, w // 2 - 4:w // 2 + 4]
+        return {"score": (grey > 0.5).float().mean((1, 2))}
