@@ -750,6 +750,7 @@ class RewardFinetuner:
 
         from alignment.evaluation.loaders import load_images_folder
         from alignment.evaluation.scoring import decode_image
+        from reward_plugins.preprocess import center_crop
 
         if not Path(path).exists():
             raise ValueError(f"method.prior_data={path!r} does not exist (a folder with prompts.txt, or a JSON/JSONL file).")
@@ -761,9 +762,8 @@ class RewardFinetuner:
             batch = []
             for ref in ds.images[i : i + 64]:
                 x = decode_image(ref).float() / 255.0
-                h, w = x.shape[1:]
-                side = min(h, w)
-                x = x[:, (h - side) // 2 : (h - side) // 2 + side, (w - side) // 2 : (w - side) // 2 + side]
+                side = min(x.shape[1:])
+                x = center_crop(x, side)
                 if side != res:
                     x = F.interpolate(x[None], size=(res, res), mode="bilinear", antialias=True, align_corners=False)[0]
                 batch.append(x)
