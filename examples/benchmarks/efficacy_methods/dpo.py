@@ -38,7 +38,7 @@ def mined_pairs(ctx: Context, reward: str = "toyworld-clip", n: int = 6, pairs_p
 def dpo(ctx: Context, loss_type: str, online: bool = False, steps: int = 200, beta: float | None = None,
         lr: float = 5e-4, pair_images: int = 6, pairs_per_prompt: int = 3, batch: int = 8,
         timestep_range: list[float] | None = None, rounds: int = 2, caption_dropout: float = 0.0,
-        guided: bool = False) -> dict:
+        guided: bool = False, lora_kw: dict | None = None) -> dict:
     # Measured (sigmoid, offline, held-out exact overall from 0.188; README "DPO and RWR, second pass"):
     # beta 5000, lr 5e-4: 60 steps 0.208, 200 steps 0.271 (colour 0.50, shape 0.55, position 0.67), 400 steps
     # 0.243; 12 images / 6 pairs per caption, 300 steps 0.215; beta 2000, lr 1e-3, 150 steps 0.153; beta 500,
@@ -84,7 +84,7 @@ def dpo(ctx: Context, loss_type: str, online: bool = False, steps: int = 200, be
     from alignment.trainers.dpo import DataSection, DPOConfig, DPOSection, OnlineSection, train_dpo
 
     name = f"dpo-{loss_type}-{'online' if online else 'offline'}"
-    model, lora, train = common_train(ctx, name, steps, lr, batch)
+    model, lora, train = common_train(ctx, name, steps, lr, batch, lora_kw)
     beta = (GUIDED_BETA if guided else BETA)[loss_type] if beta is None else beta
     cfg = DPOConfig(model=model, lora=lora, train=train, dpo=DPOSection(
         beta=beta, loss_type=loss_type, vae_sample=False, timestep_range=timestep_range,

@@ -116,8 +116,9 @@ def load_base(device: str = "cpu", base: str = "sd"):
     return BASES[base].load(device=device)
 
 
-def common_train(ctx: Context, name: str, steps: int, lr: float, batch: int):
-    """The model, LoRA and train sections every trainer method shares (LoRA rank 8 on the attention)."""
+def common_train(ctx: Context, name: str, steps: int, lr: float, batch: int, lora_kw: dict | None = None):
+    """The model, LoRA and train sections every trainer method shares (LoRA rank 8 on the attention;
+    `lora_kw`: other `LoraSection` fields, e.g. ``{"enabled": False}`` for full fine-tuning)."""
     from alignment.trainers.common import LoraSection, ModelSection, TrainSection
 
     # A method trains from scratch every time it runs (a finished one is skipped via results.json): a
@@ -125,7 +126,7 @@ def common_train(ctx: Context, name: str, steps: int, lr: float, batch: int):
     shutil.rmtree(ctx.workdir / name, ignore_errors=True)
     b = BASES[ctx.base]
     model = ModelSection(pipeline=str(b.path), max_sequence_length=b.max_sequence_length)
-    lora = LoraSection(rank=8, target_modules=list(b.lora_targets))
+    lora = LoraSection(**{"rank": 8, "target_modules": list(b.lora_targets), **(lora_kw or {})})
     train = TrainSection(seed=ctx.seed, lr=lr, max_steps=ctx.budget(steps), batch_size=batch, save_every=0,
                          log_every=1, validate_every=0, output_dir=str(ctx.workdir / name), report_to="none",
                          max_grad_norm=1.0, weight_decay=0.0)
@@ -148,11 +149,9 @@ def reward_finetune_trainer(ctx: Context, name: str, reward: str | dict, steps: 
         SamplingSection,
     )
 
-    model, lora, train = common_train(ctx, work_name or name, steps, lr, batch)
+    model, lora, train = common_train(ctx, work_name or name, steps, lr, batch, lora_kw)
     if train_kw:
         train = dataclasses.replace(train, **train_kw)
-    if lora_kw:
-        lora = dataclasses.replace(lora, **lora_kw)
     cfg = RewardFinetuneConfig(
         model=model, lora=lora, train=train, method=MethodSection(name=name, **method_kw),
         sampling=SamplingSection(num_steps=ctx.steps, guidance_scale=ctx.guidance, scheduler=BASES[ctx.base].scheduler,
