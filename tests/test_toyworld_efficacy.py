@@ -6,7 +6,7 @@ captions x fixed seeds before and after: the same captions, seeds and sampler, s
 model's, not sampling noise. A method whose loss does not learn (a gradient of ~0, like the unscaled IPO
 loss of old, or a sign error) leaves the model where it was, and the assertion fails. Diffusion-DPO is judged
 on held-out oracle-ranked pairs (its implicit reward must prefer the oracle's winner) and must not damage the
-sampled images. Methods that do not move the oracle at this budget (RWR, DDPO, DRaFT-LV; AlignProp
+sampled images. Methods that do not move the oracle at this budget (RWR, DDPO; DRaFT-LV and AlignProp
 within noise) are expected failures, with the measurements and the reason at each.
 
 Thresholds were set from measurements (comments at each budget): the effect at the chosen budget with the
@@ -121,19 +121,22 @@ def report(name: str, before: dict, after: dict) -> dict[str, float]:
 # -0.010, +0.002 / +0.016 / -0.012. The efficacy benchmark finds them weak at full size too (50 steps, held-out
 # exact overall 0.188 -> 0.222, 0.236, 0.250): DRaFT-LV and late ReFL put the reward's gradient on the last one
 # or two of the 10 DDIM steps, where the toy sampler's step moves the image by d x_prev / d eps = -0.012 (README,
-# "Gradient methods"). DRaFT-LV is a strict xfail, so a fix that makes it learn fails the test until the mark
-# goes; AlignProp, whose mean is within one noise width of the threshold, is not strict (it would flip on noise,
-# not on a fix). ReFL is tested as its efficacy entry trains: x̂0 at a random step in [2, 5] of 10, where x̂0 is
+# "Gradient methods"). ReFL is tested as its efficacy entry trains: x̂0 at a random step in [2, 5] of 10, where x̂0 is
 # already legible and the step still decides the attributes (efficacy_methods/gradient.py `refl`). Each ReFL step
 # costs a fraction of a DRaFT-K step, so it gets 40 steps of batch 8 (~27 CPU s): overall gain, seeds 0 / 1 / 2,
 # +0.034 / +0.043 / +0.037 (colour +0.06 / +0.12 / +0.09); at 10 or 20 steps of batch 4 it was within noise
 # (-0.001 / +0.010, +0.005 / +0.030), at 40 / 80 steps of batch 4 seed 2 fell (-0.019 / -0.020).
-_WEAK_LAST_STEPS = "the gradient reaches only the last DDIM step(s), which barely move the toy image (efficacy finding)"
+# With the fine-tuned decoder shipped on 2026-12-02 (examples/toyworld/finetune_decoder.py; the numbers above are
+# the first decoder's), seeds 0 / 1 / 2 (TOYTEST_SEED): DRaFT-K +0.016 (seed 0); DRaFT-LV +0.011 / +0.006 / +0.021;
+# AlignProp K ~ U{1..10} -0.005 / +0.014 / +0.030. DRaFT-LV and AlignProp now straddle the threshold, so both are
+# non-strict expected failures: a pass on one seed is noise, not a fix.
+_WEAK_LAST_STEPS = ("the gradient reaches only the last DDIM step(s), which barely move the toy image (efficacy "
+                    "finding): +0.006 to +0.021 over seeds 0-2, around the threshold")
 GRADIENT_METHODS = [
     pytest.param("draft", {"k": 10}, id="draft"),
-    pytest.param("draft-lv", {"lv_n": 2}, id="draft-lv", marks=pytest.mark.xfail(strict=True, reason=_WEAK_LAST_STEPS)),
+    pytest.param("draft-lv", {"lv_n": 2}, id="draft-lv", marks=pytest.mark.xfail(strict=False, reason=_WEAK_LAST_STEPS)),
     pytest.param("alignprop", {"truncation_range": [1, 10]}, id="alignprop", marks=pytest.mark.xfail(
-        strict=False, reason="K ~ U{1..10} averages 5.5 steps: +0.005 at 10 steps, within noise of the threshold")),
+        strict=False, reason="K ~ U{1..10} averages 5.5 steps: -0.005 to +0.030 over seeds 0-2, around the threshold")),
     pytest.param("refl", {"refl_target": 1.0, "refl_scale": 1.0, "refl_step_range": [2, 5]}, id="refl"),
 ]
 GRADIENT_BUDGETS = {"refl": (40, 8)}  # (steps, batch) where a method's own budget differs from (10, 4)
@@ -210,19 +213,19 @@ def test_ddpo_raises_the_soft_oracle(base, before, tmp_path):
 
 
 # -- Diffusion-DPO ---------------------------------------------------------------------------------------------
-# Pairs ranked by the soft oracle (overall), mined once: 4 images per caption, its 2 widest-gap pairs (24 pairs)
-# to train on, and 24 more from other seeds (held-out pairs) to judge on. The assertion is on the held-out
+# Pairs ranked by the soft oracle (overall), mined once: 6 images per caption, its 3 widest-gap pairs (36 pairs)
+# to train on, and 8 images / 4 pairs per caption from other seeds (48 held-out pairs) to judge on. The assertion is on the held-out
 # pairs: after training, does the policy's implicit reward (its denoising error against the frozen reference)
 # prefer the oracle's winner on pairs it never saw? A model that did not move scores exactly 0.5 (ties count
 # half) and a margin of 0; a loss with ~0 gradient (the unscaled IPO of old) cannot pass.
 
 
-def mine(base, tmp_path_factory, seed: int):
+def mine(base, tmp_path_factory, seed: int, n: int, pairs_per_prompt: int):
     from alignment.pairs import mine_pairs
 
     out = tmp_path_factory.mktemp(f"pairs-{seed}")
-    mine_pairs(base, PROMPTS, create_reward("toyworld"), 4, out, rule="dimension", dimension="overall", margin=0.0,
-               pairs_per_prompt=2, shard_size=len(PROMPTS), seed=seed, batch_size=48,
+    mine_pairs(base, PROMPTS, create_reward("toyworld"), n, out, rule="dimension", dimension="overall", margin=0.0,
+               pairs_per_prompt=pairs_per_prompt, shard_size=len(PROMPTS), seed=seed, batch_size=48,
                num_inference_steps=models.DEFAULT_STEPS, guidance_scale=models.DEFAULT_GUIDANCE, progress=False)
     return out
 
@@ -232,7 +235,7 @@ def dpo_pairs(base, tmp_path_factory):
     from alignment.trainers.dpo import DataSection
     from alignment.trainers.dpo_data import PairDataset, index_pairs, read_pair_source
 
-    train, held = mine(base, tmp_path_factory, 5), mine(base, tmp_path_factory, 905)
+    train, held = mine(base, tmp_path_factory, 5, 6, 3), mine(base, tmp_path_factory, 905, 8, 4)
     data = DataSection(path=str(held))
     source = read_pair_source(data)
     return train, PairDataset(source, index_pairs(source, data), world.RESOLUTION, False)
@@ -254,14 +257,16 @@ def train_dpo_on(base, tmp_path, pairs, loss_type: str, beta: float, steps: int 
     return pipe, trainer.evaluate(num_batches=16, dataset=held_out)
 
 
-# Held-out implicit accuracy (16 batches of 8 held-out pairs, fixed noise) after 30 steps, lr 5e-4, batch 8,
-# training seed 0: sigmoid (β = 5000) 0.641, hinge (β = 500) 0.703, IPO (β = 500) 0.664; seeds 0 / 1 / 2 measured
-# on 8 batches: sigmoid 0.69 / 0.69 / 0.72, hinge 0.73 / 0.77 / 0.69, IPO 0.66 / 0.69 / 0.66. A model that does not move: 0.5 exactly. IPO at β = 5000 is the control that
-# does not learn here: its target margin (logits = 1/2, i.e. a denoising-error gap of 1/β = 2e-4, 1 % of the MSE)
-# is ~0, and it scored 0.50 / 0.53 / 0.44: the threshold 0.6 fails it. (The hinge's target, logits >= 1, is as
-# small at β = 5000, so hinge and IPO train at β = 500.) The soft oracle on the sampled images moved by -0.011 to
-# +0.009 overall in those runs (colour up, shape down a little): at this budget DPO must not damage the model,
-# checked with a tolerance of 0.025 (sigmoid at lr 2e-3, 20 steps, drifted: -0.04).
+# Held-out implicit accuracy (16 batches of 8 held-out pairs, fixed noise) after 30 steps, lr 5e-4, batch 8. A
+# model that does not move scores 0.5 exactly; a loss with ~0 gradient stays there and a sign error goes below.
+# Measured with the fine-tuned decoder shipped on 2026-12-02, training seeds 0 / 1 / 2 (TOYTEST_SEED): sigmoid
+# (β = 5000) 0.609 / 0.617 / 0.617, hinge (β = 500) 0.586 / 0.570 / 0.594, IPO (β = 500) 0.609 / 0.617 / 0.617,
+# hence the threshold 0.55. With the earlier 24 + 24 pairs these were noisier (sigmoid 0.516-0.617, IPO
+# 0.555-0.648 over the same seeds), and 60 steps did not help (IPO 0.492 on seed 2). With the first decoder
+# (24 + 24 pairs) it was sigmoid 0.641, hinge 0.703, IPO 0.664 on seed 0. The hinge's target, logits >= 1, is
+# tiny at β = 5000, so hinge and IPO train at β = 500. The soft oracle on the sampled images must not fall: at
+# this budget DPO must not damage the model, checked with a tolerance of 0.025 (sigmoid at lr 2e-3, 20 steps,
+# drifted: -0.04).
 DPO_CASES = {"sigmoid": 5000.0, "hinge": 500.0, "ipo": 500.0}
 
 
@@ -270,7 +275,7 @@ def test_dpo_learns_the_oracle_preference_on_held_out_pairs(base, before, dpo_pa
     pipe, held = train_dpo_on(base, tmp_path, dpo_pairs, loss_type, DPO_CASES[loss_type])
     g = report(f"dpo-{loss_type} (held-out pairs: implicit accuracy {held['implicit_acc']:.3f}, "
                f"margin {held['reward_margin']:.3f})", before, measure(pipe))
-    assert held["implicit_acc"] >= 0.6 and held["reward_margin"] > 0, (
+    assert held["implicit_acc"] >= 0.55 and held["reward_margin"] > 0, (
         f"DPO ({loss_type}) did not learn the oracle's preference: held-out implicit accuracy "
         f"{held['implicit_acc']:.3f} (untrained 0.5), margin {held['reward_margin']:.3f}")
     assert g["overall"] > -0.025, f"DPO ({loss_type}) damaged the model: soft oracle overall {g['overall']:+.4f}"

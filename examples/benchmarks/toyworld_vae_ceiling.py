@@ -4,9 +4,8 @@ Every image a toy model makes passes the shipped AutoencoderKL's decoder, and RW
 fitting train on encoder latents, so what the round trip loses no method that fits latents can win back.
 This prints the round trip's exact accuracy (per dimension, per colour, per shape) on `--per-caption`
 rendered scenes of every held-out and training caption. `--finetune-decoder N` then trains the decoder alone
-(encoder frozen, so the latent space the UNet and the flow transformer were trained on is unchanged) for N
-steps on posterior samples of rendered scenes (train_pipeline.py's VAE loss, cosine lr), prints the ceiling
-again, and with `--eval-base` the held-out exact accuracy of both shipped base models sampled through the
+(`examples/toyworld/finetune_decoder.py`'s stage: encoder frozen, so the latent space the UNet and the flow
+transformer were trained on is unchanged) for N steps, prints the ceiling again, and with `--eval-base` the held-out exact accuracy of both shipped base models sampled through the
 new decoder (`--save PATH` keeps its state dict):
 
     OMP_NUM_THREADS=1 python examples/benchmarks/toyworld_vae_ceiling.py --finetune-decoder 1500 --eval-base
@@ -15,68 +14,17 @@ new decoder (`--save PATH` keeps its state dict):
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from alignment.toyworld import models, render, world  # noqa: E402
-from reward_plugins import create_reward  # noqa: E402
-
-DIMS = ("color", "shape", "position", "overall")
-
-
-@torch.no_grad()
-def ceiling(vae, prompts: list[str], per_caption: int, seed: int = 7) -> dict:
-    """Exact accuracy of rendered scenes of `prompts` after encode (posterior mean) -> decode: overall per
-    dimension, and the colour / shape accuracy per named colour / shape."""
-    prompts = [p for p in prompts for _ in range(per_caption)]
-    attrs = [world.parse_caption(p) for p in prompts]
-    x, _ = render.render(attrs, torch.Generator().manual_seed(seed))
-    y = (vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample.clamp(-1, 1) + 1) / 2
-    per_dim = create_reward("toyworld-exact").score(y, prompts).per_dim
-    by = defaultdict(list)
-    for i, a in enumerate(attrs):
-        by[a.color].append(float(per_dim["color"][i]))
-        by[a.shape].append(float(per_dim["shape"][i]))
-    return {"dims": {d: float(per_dim[d].float().mean()) for d in DIMS},
-            "values": {k: sum(v) / len(v) for k, v in by.items()}}
-
-
-def finetune_decoder(vae, steps: int, lr: float, batch: int, seed: int):
-    """Train the decoder (and post_quant_conv) on posterior samples of rendered scenes of all 90 combinations,
-    the encoder frozen; train_pipeline.py's VAE reconstruction loss (MSE + 0.5 L1), cosine lr to 0."""
-    vae.requires_grad_(False)
-    for m in (vae.decoder, getattr(vae, "post_quant_conv", None)):
-        if m is not None:
-            m.requires_grad_(True)
-    params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    combos, gen = world.all_combinations(), torch.Generator().manual_seed(seed)
-    for step in tqdm(range(steps), desc="decoder", mininterval=10):
-        idx = torch.randint(len(combos), (batch,), generator=gen)
-        x, _ = render.render([combos[i] for i in idx.tolist()], gen)
-        with torch.no_grad():
-            z = vae.encode(x * 2 - 1).latent_dist.sample(generator=gen)
-        target = x * 2 - 1
-        rec = vae.decode(z).sample
-        loss = F.mse_loss(rec, target) + 0.5 * F.l1_loss(rec, target)
-        for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-    vae.requires_grad_(False).eval()
-    return vae
+from alignment.toyworld import models, world  # noqa: E402
+from examples.toyworld.finetune_decoder import DIMS, ceiling, finetune_decoder  # noqa: E402
 
 
 def show(label: str, c: dict) -> None:

@@ -34,8 +34,9 @@ def ship(name: str, source: Path, notes: str | None = None) -> dict:
     shutil.copytree(final, dest)
     files = {str(p.relative_to(models.WEIGHTS_DIR)): models.sha256(p) for p in models.weight_files(dest)}
     entry = {"files": files, "training": json.loads(record.read_text())}
-    if notes:
-        entry["notes"] = notes
+    earlier = models.read_manifest()["models"].get(name, {}) if models.MANIFEST.is_file() else {}
+    if notes or earlier.get("notes"):  # a model shipped again keeps its notes unless new ones are given
+        entry["notes"] = notes or earlier["notes"]
     return entry
 
 
