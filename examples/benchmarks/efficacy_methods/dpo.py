@@ -28,7 +28,9 @@ def mined_pairs(ctx: Context, reward: str = "toyworld-clip", n: int = 6, pairs_p
     the run that mines; a later run in the same --out reuses the cache.)"""
     from alignment.pairs import mine_pairs
 
-    out = ctx.workdir / ("pairs" if (n, pairs_per_prompt) == (6, 3) else f"pairs-n{n}-k{pairs_per_prompt}")
+    # One dir per base model and mining setting: the SD and flow entries of one --out must not share pairs.
+    name = "pairs" if (n, pairs_per_prompt) == (6, 3) else f"pairs-n{n}-k{pairs_per_prompt}"
+    out = ctx.workdir / (name if ctx.base == "sd" else f"{name}-{ctx.base}")
     mine_pairs(ctx.pipe, world.train_prompts(), create_reward(reward), n, out, rule="dimension",
                margin=0.0, pairs_per_prompt=pairs_per_prompt, shard_size=72, seed=ctx.seed, batch_size=48,
                num_inference_steps=ctx.steps, guidance_scale=ctx.guidance, progress=True)
