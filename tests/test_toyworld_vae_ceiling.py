@@ -1,6 +1,7 @@
 """The toy world's VAE-ceiling benchmark: the round trip is measured by the exact oracle, and decoder-only
 fine-tuning leaves the encoder (the latent space the shipped UNet was trained on) untouched."""
 
+import pytest
 import torch
 
 from alignment.toyworld import models, world
@@ -34,8 +35,6 @@ def test_decoder_finetuning_changes_the_decoder_only():
 
 
 def test_bad_arguments_are_one_line_errors(capsys):
-    import pytest
-
     with pytest.raises(SystemExit) as e:
         main(["--finetune-decoder", "-1"])
     assert e.value.code == 2 and "--finetune-decoder must be >= 0" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import importlib
 import json
 import sys
 import time
@@ -27,8 +28,6 @@ import torch
 
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import importlib  # noqa: E402
 
 from examples.benchmarks.efficacy import run_method  # noqa: E402
 from examples.benchmarks.efficacy_methods import DIMS, MethodSpec, evaluate, load_base  # noqa: E402

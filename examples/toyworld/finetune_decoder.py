@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 from alignment.toyworld import models, render, world  # noqa: E402
 from reward_plugins import create_reward  # noqa: E402
 
-DIMS = ("color", "shape", "position", "overall")
+DIMS = (*world.DIMENSIONS, "overall")
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 

@@ -34,9 +34,8 @@ def ship(name: str, source: Path, notes: str | None = None) -> dict:
     shutil.copytree(final, dest)
     files = {str(p.relative_to(models.WEIGHTS_DIR)): models.sha256(p) for p in models.weight_files(dest)}
     entry = {"files": files, "training": json.loads(record.read_text())}
-    earlier = models.read_manifest()["models"].get(name, {}) if models.MANIFEST.is_file() else {}
-    if notes or earlier.get("notes"):  # a model shipped again keeps its notes unless new ones are given
-        entry["notes"] = notes or earlier["notes"]
+    if notes:
+        entry["notes"] = notes
     return entry
 
 
@@ -50,12 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flow-notes")
     args = p.parse_args(argv)
     manifest = models.read_manifest() if models.MANIFEST.is_file() else {"models": {}}
-    if args.pipeline:
-        manifest["models"]["pipeline"] = ship("pipeline", args.pipeline, args.pipeline_notes)
-    if args.clip:
-        manifest["models"]["clip"] = ship("clip", args.clip, args.clip_notes)
-    if args.flow:
-        manifest["models"]["flow"] = ship("flow", args.flow, args.flow_notes)
+    for name, source, notes in (("pipeline", args.pipeline, args.pipeline_notes), ("clip", args.clip, args.clip_notes),
+                                ("flow", args.flow, args.flow_notes)):
+        if source:  # a model shipped again keeps its manifest notes unless new ones are given
+            manifest["models"][name] = ship(name, source, notes or manifest["models"].get(name, {}).get("notes"))
     total = sum(p.stat().st_size for p in models.weight_files())
     if total > LIMIT_BYTES:
         raise SystemExit(f"shipped weights are {total / 2**20:.1f} MiB, over the 20 MiB limit.")
