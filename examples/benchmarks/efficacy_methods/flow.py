@@ -7,17 +7,16 @@ against its own held-out evaluation (``base="flow"``), not the SD toy's.
   soft oracle's gradient through the VAE decoder into the transformer's LoRA (`RewardFinetuner`).
 - ``flow-grpo``: Flow-GRPO (`PolicyGradientTrainer`, method ``grpo``): rollouts of Flow-GRPO's SDE with
   recorded log-probs, group-relative advantages, PPO clipping. Policy gradient needs reward values only,
-  so it trains on the exact oracle itself, as the ``ddpo`` entry does (said so in its row); ``flow-grpo-clip``
-  trains on the learned reward and never sees the oracle.
+  so it trains on the soft oracle's values (never its gradient), as the ``ddpo`` entry does;
+  ``flow-grpo-clip`` trains on the learned reward and never sees the oracle.
 """
 
 from __future__ import annotations
 
 from alignment.toyworld import world
 
+from .policy_gradient import SOFT_TERMS
 from .registry import Context, common_train, method, reward_finetune
-
-EXACT_TERMS = {f"toyworld-exact:{d}": 1.0 for d in ("color", "shape", "position")}
 
 
 @method("flow-draft", "toyworld", base="flow")
@@ -88,7 +87,6 @@ def flow_grpo(ctx: Context, name: str, terms: dict, epochs: int, lr: float, grou
     return {"pipe": ctx.pipe, "samples": summary["epochs"] * group * prompts}
 
 
-SOFT_TERMS = {f"toyworld:{d}": 1.0 for d in ("color", "shape", "position")}
 # Step 0 the only stochastic (SDE) and trained step, the ODE elsewhere, one starting noise per group: a
 # policy-gradient estimate is no better than s = 1 / (1 + D / G), D = trained steps x latent elements, so one
 # trained step gives the largest signal share per rollout at the lowest cost (see policy_gradient.py).

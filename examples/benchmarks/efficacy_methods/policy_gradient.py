@@ -1,4 +1,4 @@
-"""Policy gradient (DDPO): needs only reward values, so it can train on the exact oracle itself."""
+"""Policy gradient (DDPO): needs only reward values (the soft oracle's, or the learned reward's), never a gradient."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from alignment.toyworld import world
 
 from .registry import Context, common_train, method
 
-EXACT_TERMS = {f"toyworld-exact:{d}": 1.0 for d in ("color", "shape", "position")}
+EXACT_TERMS = {f"toyworld-exact:{d}": 1.0 for d in ("color", "shape", "position")}  # the oracle's 0/1 verdicts
+SOFT_TERMS = {f"toyworld:{d}": 1.0 for d in ("color", "shape", "position")}  # the soft oracle's values
 
 
 def policy_gradient(ctx: Context, name: str, terms: dict, epochs: int, lr: float, group: int = 8, prompts: int = 8,
@@ -51,11 +52,17 @@ def policy_gradient(ctx: Context, name: str, terms: dict, epochs: int, lr: float
 EARLY_STEPS = dict(train_steps="window", window_size=4, window_shift=0, ode_outside_window=True, shared_noise=True)
 
 
-@method("ddpo", "toyworld-exact")
+@method("ddpo", "toyworld")
 def ddpo(ctx: Context) -> dict:
-    """DDPO on the exact oracle (its color + shape + position 0/1 scores): no reward gradient needed"""
-    # Training on the exact oracle is allowed here: DDPO uses reward values only (no gradient), the case the
-    # oracle's non-differentiable form stands for. Measured (56 epochs x 8 captions x G = 8 = 3584 images, 2
+    """DDPO on the soft oracle's color + shape + position values (no reward gradient used)"""
+    # The entry trains on the soft oracle's values since the sixth session; its gradient is never used, and the
+    # exact oracle stays the judge only. On the shipped weights (fine-tuned decoder, base 0.236), this setting,
+    # `efficacy_call.py --tag ddpo_soft_s<S> --seed <S> --reward toyworld 'policy_gradient(ctx, "ddpo",
+    # SOFT_TERMS, epochs=56, lr=2e-3, clip_range=1e-2, batch=32, **EARLY_STEPS)'`: seeds 0 / 1 / 2 0.389 / 0.306 / 0.375 (+15.3 / +7.0 / +13.9; 434 / 384 / 366 CPU s).
+    # The same on the exact oracle's 0/1 verdicts (EXACT_TERMS, the entry until then): seeds 0 / 1 0.326 / 0.326
+    # (+9.0 / +9.0); at 84 epochs 0.347 / 0.188: the soft values' larger per-group signal (SNR 0.0086 against
+    # 0.0002, below) is what the new decoder needed to turn into held-out gains.
+    # Everything below was measured on the first decoder (base 0.188), with the exact oracle's values. Measured (56 epochs x 8 captions x G = 8 = 3584 images, 2
     # updates of 32 per epoch, lr 2e-3, clip 1e-2, 522 CPU s): held-out exact 0.188 -> 0.201, colour 0.42 ->
     # 0.42, shape 0.58 -> 0.56, position 0.64 -> 0.63: nothing moved. Before (every step trained, independent
     # starting noise, 10 epochs, 640 images, lr 1e-3): 0.188 -> 0.167. Why: the gradient of one 64-image epoch
@@ -83,7 +90,7 @@ def ddpo(ctx: Context) -> dict:
     # 30,60,90`, stopped after 30): 0.188 -> 0.076 at 30 epochs (colour 0.26, shape 0.51, position 0.60, 222
     # train CPU s); this entry's recipe with noise_block=2 (`efficacy.py --out outputs/pg/ddpo_nb2_early --method
     # ddpo`, 593 CPU s): 0.188 -> 0.181 (colour 0.40, shape 0.53, position 0.69). Neither passes; not the entry.
-    return policy_gradient(ctx, "ddpo", EXACT_TERMS, epochs=56, lr=2e-3, clip_range=1e-2, batch=32, **EARLY_STEPS)
+    return policy_gradient(ctx, "ddpo", SOFT_TERMS, epochs=56, lr=2e-3, clip_range=1e-2, batch=32, **EARLY_STEPS)
 
 
 @method("ddpo-clip", "toyworld-clip")
