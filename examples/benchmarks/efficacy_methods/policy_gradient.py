@@ -58,12 +58,13 @@ def ddpo(ctx: Context) -> dict:
     # The entry trains on the soft oracle's values since the sixth session; its gradient is never used, and the
     # exact oracle stays the judge only. On the shipped weights (fine-tuned decoder, base 0.236), this setting,
     # `efficacy_call.py --tag ddpo_soft_s<S> --seed <S> --reward toyworld 'policy_gradient(ctx, "ddpo",
-    # SOFT_TERMS, epochs=56, lr=2e-3, clip_range=1e-2, batch=32, **EARLY_STEPS)'`: seeds 0 / 1 / 2 0.389 / 0.306 / 0.375 (+15.3 / +7.0 / +13.9; 434 / 384 / 366 CPU s).
+    # SOFT_TERMS, epochs=56, lr=2e-3, clip_range=1e-2, batch=32, **EARLY_STEPS)'`: seeds 0 / 1 / 2
+    # 0.389 / 0.306 / 0.375 (+15.3 / +7.0 / +13.9; 434 / 384 / 366 CPU s).
     # The same on the exact oracle's 0/1 verdicts (EXACT_TERMS, the entry until then): seeds 0 / 1 0.326 / 0.326
     # (+9.0 / +9.0); at 84 epochs 0.347 / 0.188: the soft values' larger per-group signal (SNR 0.0086 against
     # 0.0002, below) is what the new decoder needed to turn into held-out gains.
-    # Everything below was measured on the first decoder (base 0.188), with the exact oracle's values. Measured (56 epochs x 8 captions x G = 8 = 3584 images, 2
-    # updates of 32 per epoch, lr 2e-3, clip 1e-2, 522 CPU s): held-out exact 0.188 -> 0.201, colour 0.42 ->
+    # Everything below was measured on the first decoder (base 0.188), with the exact oracle's values.
+    # Measured (56 epochs x 8 captions x G = 8 = 3584 images, 2 updates of 32 per epoch, lr 2e-3, clip 1e-2, 522 CPU s): held-out exact 0.188 -> 0.201, colour 0.42 ->
     # 0.42, shape 0.58 -> 0.56, position 0.64 -> 0.63: nothing moved. Before (every step trained, independent
     # starting noise, 10 epochs, 640 images, lr 1e-3): 0.188 -> 0.167. Why: the gradient of one 64-image epoch
     # is noise. Cosines between the gradients of independent 64-image batches: -0.09 to 0.10 (all steps or
